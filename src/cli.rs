@@ -1,0 +1,482 @@
+//! The `capture-kiosk` command line: argument parsing and what each subcommand prints.
+//! Terminal output is for people (progress bars, tables); `--json` and non-terminal output
+//! are for scripts.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::capture;
+use crate::clock::SystemClock;
+use crate::config::{self, ByteSize, Config};
+use crate::demo::{self, DemoOptions};
+use crate::imaging;
+use crate::inspection::{self, InspectionError, Progress, Request, Rig, Settings};
+use crate::standin::{StandIn, StandInConfig};
+use crate::store::{InspectionSummary, Store, StoreError};
+use crate::upload::credentials::load_secret;
+use crate::vehicle::{CaseId, PhotoLabel, Vehicle, Vin};
+
+/// Exit status of a command that did its work.
+pub const EXIT_OK: u8 = 0;
+/// Something failed at run time (a camera, the buffer).
+pub const EXIT_FAILED: u8 = 1;
+/// The configuration or the arguments are wrong: nothing was done.
+pub const EXIT_USAGE: u8 = 2;
+/// An inspection was stored, but some angles failed.
+pub const EXIT_PARTIAL: u8 = 3;
+/// The buffer refused a new inspection (a cap was reached): nothing was captured.
+pub const EXIT_REFUSED: u8 = 4;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "capture-kiosk",
+    version,
+    about = "The brain of an unattended drive-through vehicle inspection bay"
+)]
+pub struct Cli {
+    /// More log output (-v: debug, -vv: trace).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check a configuration file; exits 0 when it is valid.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Capture one inspection now and store it in the buffer.
+    Inspect {
+        #[arg(long)]
+        config: PathBuf,
+        /// The integrator's case id (1-64 characters of A-Z a-z 0-9 -).
+        #[arg(long)]
+        case_id: String,
+        /// The vehicle's VIN (17 characters).
+        #[arg(long)]
+        vin: Option<String>,
+        /// Comma-separated angles (default: the config's inspection.angles).
+        #[arg(long, value_delimiter = ',')]
+        angles: Option<Vec<String>>,
+    },
+    /// Show what is buffered.
+    Queue {
+        #[arg(long)]
+        config: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Test every configured camera and list the V4L2 devices the system offers.
+    Cameras {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Serve a strict stand-in of the cloud inspection API on 127.0.0.1, for commissioning a bay
+    /// and for tests, without billing real sessions.
+    Standin {
+        /// Port on 127.0.0.1 (0 picks a free one and prints it).
+        #[arg(long, default_value_t = 8700)]
+        port: u16,
+        /// Account name (default: the built-in test account).
+        #[arg(long)]
+        username: Option<String>,
+        /// API key (default: the built-in test account's).
+        #[arg(long)]
+        api_key: Option<String>,
+        /// File holding the API secret, readable only by its owner (default: the test account's).
+        #[arg(long)]
+        api_secret_file: Option<PathBuf>,
+        /// Lifetime of tokens in seconds.
+        #[arg(long, default_value_t = 900)]
+        token_ttl: u64,
+        /// Lifetime of a session in seconds.
+        #[arg(long, default_value_t = 3600)]
+        session_ttl: u64,
+    },
+    /// A simulated drive-through on embedded defaults: no config, no camera, no network.
+    Demo {
+        /// Frame size of the synthetic cameras.
+        #[arg(long, default_value = "4032x3024")]
+        frame: String,
+        /// Keep the buffer in this directory instead of a temporary one.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        Command::Check { config } => check(&config),
+        Command::Inspect { config, case_id, vin, angles } => {
+            inspect(&config, &case_id, vin.as_deref(), angles.as_deref())
+        }
+        Command::Queue { config, json } => queue(&config, json),
+        Command::Cameras { config } => cameras(&config),
+        Command::Standin { port, username, api_key, api_secret_file, token_ttl, session_ttl } => {
+            standin(port, username, api_key, api_secret_file, token_ttl, session_ttl)
+        }
+        Command::Demo { frame, state_dir } => run_demo(&frame, state_dir),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+fn load(path: &Path) -> Result<Config, u8> {
+    config::load(path).map_err(|e| {
+        eprintln!("error: {e}");
+        EXIT_USAGE
+    })
+}
+
+fn check(path: &Path) -> anyhow::Result<u8> {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    println!(
+        "{}: valid: bay {}, {} camera(s), angles {}, buffer in {}",
+        path.display(),
+        config.bay_id,
+        config.cameras.len(),
+        config.inspection.angles.iter().map(|a| a.as_str()).collect::<Vec<_>>().join(","),
+        config.state_dir.display()
+    );
+    Ok(EXIT_OK)
+}
+
+fn open_store(config: &Config) -> anyhow::Result<Store> {
+    let store = Store::open(&config.state_dir, config.buffer.caps, SystemTime::now())
+        .with_context(|| format!("the buffer in {} cannot be opened", config.state_dir.display()))?;
+    if let Some(retention) = config.buffer.completed_retention {
+        let mut store = store;
+        if let Some(cutoff) = SystemTime::now().checked_sub(retention) {
+            store.prune_completed(cutoff).context("pruning completed inspections failed")?;
+        }
+        return Ok(store);
+    }
+    Ok(store)
+}
+
+fn inspect(path: &Path, case_id: &str, vin: Option<&str>, angles: Option<&[String]>) -> anyhow::Result<u8> {
+    // Everything the operator typed is checked before a camera is touched.
+    let case_id = match CaseId::parse(case_id) {
+        Ok(c) => c,
+        Err(e) => return usage(e),
+    };
+    let vehicle = match vin.map(Vin::parse).transpose() {
+        Ok(v) => v.map(Vehicle::with_vin),
+        Err(e) => return usage(e),
+    };
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let angles = match angles {
+        None => config.inspection.angles.clone(),
+        Some(names) => match names.iter().map(|n| PhotoLabel::parse(n)).collect::<Result<Vec<_>, _>>() {
+            Ok(a) => a,
+            Err(e) => return usage(e),
+        },
+    };
+    let store = Mutex::new(open_store(&config)?);
+    let mut rig = Rig::open(&config).context("a camera cannot be opened")?;
+    let settings = Settings { capture_attempts: config.inspection.capture_attempts, resize: config.imaging };
+    let request = Request { case_id, vehicle, angles };
+    let mut display = ProgressDisplay::new(&request.angles, &rig);
+    let cancel = AtomicBool::new(false);
+    let outcome =
+        inspection::run(&mut rig, &store, &request, &settings, &SystemClock::new(), &cancel, &mut |p| {
+            display.show(p)
+        });
+    display.finish();
+    let outcome = match outcome {
+        Ok(o) => o,
+        Err(InspectionError::Store(e @ StoreError::Full { .. })) => {
+            eprintln!("error: inspection refused: {e}");
+            return Ok(EXIT_REFUSED);
+        }
+        Err(
+            e @ (InspectionError::NotCovered(_) | InspectionError::Duplicate(_) | InspectionError::NoAngles),
+        ) => return usage(e),
+        Err(e) => return Err(e.into()),
+    };
+    println!(
+        "inspection {} ({}): {} of {} angles stored, {} in the buffer, state {:?}, trigger to durable {:.2} s",
+        outcome.inspection_id,
+        request.case_id,
+        outcome.captured.len(),
+        request.angles.len(),
+        ByteSize(outcome.stored_bytes),
+        outcome.state,
+        outcome.trigger_to_durable.as_secs_f64()
+    );
+    for (angle, reason) in &outcome.failed {
+        println!("  failed {angle}: {reason}");
+    }
+    Ok(if outcome.failed.is_empty() { EXIT_OK } else { EXIT_PARTIAL })
+}
+
+fn usage(e: impl std::fmt::Display) -> anyhow::Result<u8> {
+    eprintln!("error: {e}");
+    Ok(EXIT_USAGE)
+}
+
+fn queue(path: &Path, json: bool) -> anyhow::Result<u8> {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let store = Store::open(&config.state_dir, config.buffer.caps, SystemTime::now())
+        .with_context(|| format!("the buffer in {} cannot be opened", config.state_dir.display()))?;
+    let list = store.list()?;
+    let totals = store.totals()?;
+    let now = SystemTime::now();
+    if json {
+        let inspections: Vec<serde_json::Value> = list
+            .iter()
+            .map(|i| {
+                let mut v = serde_json::to_value(i).unwrap_or_default();
+                v["age_s"] = serde_json::json!(age(now, i.created_at).as_secs());
+                v["created_at"] = serde_json::json!(crate::clock::rfc3339_seconds(i.created_at));
+                v
+            })
+            .collect();
+        let out =
+            serde_json::json!({ "bay_id": config.bay_id, "inspections": inspections, "totals": totals });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(EXIT_OK);
+    }
+    println!(
+        "{:>6}  {:<20} {:<10} {:>6} {:>10} {:>8}  note",
+        "id", "case_id", "state", "images", "bytes", "age"
+    );
+    for i in &list {
+        println!(
+            "{:>6}  {:<20} {:<10} {:>6} {:>10} {:>8}  {}",
+            i.id.0,
+            i.case_id,
+            format!("{:?}", i.state).to_lowercase(),
+            i.images,
+            ByteSize(i.bytes).to_string(),
+            short_age(age(now, i.created_at)),
+            note(i)
+        );
+    }
+    println!(
+        "total: {} inspection(s), {} image(s), {}",
+        totals.inspections,
+        totals.images,
+        ByteSize(totals.bytes)
+    );
+    Ok(EXIT_OK)
+}
+
+fn note(i: &InspectionSummary) -> String {
+    let mut parts = Vec::new();
+    if let Some(r) = &i.reason {
+        parts.push(r.clone());
+    }
+    for (angle, reason) in &i.failed_angles {
+        parts.push(format!("{angle} failed: {reason}"));
+    }
+    parts.join("; ")
+}
+
+fn age(now: SystemTime, then: SystemTime) -> Duration {
+    now.duration_since(then).unwrap_or_default()
+}
+
+fn short_age(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m", s / 60),
+        3600..=86399 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
+}
+
+fn cameras(path: &Path) -> anyhow::Result<u8> {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let mut all_ok = true;
+    for c in &config.cameras {
+        let angle = c.angles[0];
+        let result = capture::open(c).and_then(|mut cam| cam.capture(angle));
+        let status = match result {
+            Ok(frame) => match imaging::check_complete(&frame) {
+                Ok(h) => format!(
+                    "reachable, test frame {}x{} ({})",
+                    h.width,
+                    h.height,
+                    ByteSize(frame.len() as u64)
+                ),
+                Err(e) => {
+                    all_ok = false;
+                    format!("reachable, but its frame is bad: {e}")
+                }
+            },
+            Err(e) => {
+                all_ok = false;
+                format!("UNREACHABLE: {e}")
+            }
+        };
+        let angles: Vec<&str> = c.angles.iter().map(|a| a.as_str()).collect();
+        println!("{:<12} {:<40} [{}] {status}", c.id, c.source.to_string(), angles.join(","));
+    }
+    match capture::list_devices() {
+        Ok(devices) if devices.is_empty() => println!("V4L2 devices on this system: none"),
+        Ok(devices) => {
+            println!("V4L2 devices on this system:");
+            for d in devices {
+                println!("  v4l2:{}  {}  {}", d.index, d.name, d.description);
+            }
+        }
+        Err(e) => println!("V4L2 devices on this system: cannot be listed: {e}"),
+    }
+    Ok(if all_ok { EXIT_OK } else { EXIT_FAILED })
+}
+
+fn standin(
+    port: u16,
+    username: Option<String>,
+    api_key: Option<String>,
+    api_secret_file: Option<PathBuf>,
+    token_ttl: u64,
+    session_ttl: u64,
+) -> anyhow::Result<u8> {
+    let mut config = StandInConfig::default();
+    let builtin_secret = api_secret_file.is_none();
+    if let Some(file) = api_secret_file {
+        match load_secret(Some(&file), None) {
+            Ok(secret) => config.api_secret = secret.expose().to_owned(),
+            Err(e) => return usage(e),
+        }
+    }
+    config.username = username.unwrap_or(config.username);
+    config.api_key = api_key.unwrap_or(config.api_key);
+    config.token_ttl = Duration::from_secs(token_ttl.max(1));
+    config.session_ttl = Duration::from_secs(session_ttl.max(1));
+    config.port = port;
+    let standin = StandIn::start(config, Arc::new(SystemClock::new()))
+        .with_context(|| format!("the stand-in cannot listen on 127.0.0.1:{port}"))?;
+    println!("stand-in cloud API listening on {}", standin.base_url());
+    println!("account: username {:?}, api_key {:?}", standin.config().username, standin.config().api_key);
+    if builtin_secret {
+        println!(
+            "secret: the built-in test account's (see README.md); pass --api-secret-file to use your own"
+        );
+    }
+    println!("tokens live {token_ttl} s, sessions {session_ttl} s; stop with Ctrl-C");
+    standin.wait().context("the stand-in stopped")?;
+    Ok(EXIT_OK)
+}
+
+fn run_demo(frame: &str, state_dir: Option<PathBuf>) -> anyhow::Result<u8> {
+    let (width, height) = match capture::CameraSource::parse(&format!("synthetic:{frame}")) {
+        Ok(capture::CameraSource::Synthetic { width, height }) => (width, height),
+        _ => {
+            return usage(format!(
+                "--frame {frame:?} is not a size like 4032x3024 (16 to 16384 pixels a side)"
+            ))
+        }
+    };
+    let report = demo::run(&DemoOptions { width, height, state_dir }, &mut |line| println!("{line}"))?;
+    Ok(if report.outcome.failed.is_empty() { EXIT_OK } else { EXIT_PARTIAL })
+}
+
+/// A bar per angle on a terminal; one plain line per event otherwise.
+struct ProgressDisplay {
+    bars: Option<(indicatif::MultiProgress, Vec<(PhotoLabel, indicatif::ProgressBar)>)>,
+}
+
+impl ProgressDisplay {
+    fn new(angles: &[PhotoLabel], rig: &Rig) -> ProgressDisplay {
+        if !std::io::stderr().is_terminal() {
+            return ProgressDisplay { bars: None };
+        }
+        let multi = indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::stderr());
+        let style = indicatif::ProgressStyle::with_template("{spinner} {prefix:<12} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner());
+        let bars = angles
+            .iter()
+            .map(|a| {
+                let bar = multi.add(indicatif::ProgressBar::new_spinner());
+                bar.set_style(style.clone());
+                bar.set_prefix(a.as_str());
+                bar.set_message(format!("waiting for camera {}", rig.camera_for(*a).unwrap_or("?")));
+                bar.enable_steady_tick(Duration::from_millis(120));
+                (*a, bar)
+            })
+            .collect();
+        ProgressDisplay { bars: Some((multi, bars)) }
+    }
+
+    fn show(&mut self, p: &Progress) {
+        let Some((_, bars)) = &self.bars else {
+            match p {
+                Progress::Started { inspection_id, angles } => {
+                    eprintln!("inspection {inspection_id} started: {} angle(s)", angles.len())
+                }
+                Progress::Retrying { angle, camera, attempt, reason } => {
+                    eprintln!("angle={angle} camera={camera} attempt={attempt} retrying: {reason}")
+                }
+                Progress::Captured { angle, camera, bytes, width, height, .. } => {
+                    eprintln!("angle={angle} camera={camera} stored {width}x{height} {bytes} bytes")
+                }
+                Progress::Failed { angle, camera, reason } => {
+                    eprintln!("angle={angle} camera={camera} FAILED: {reason}")
+                }
+            }
+            return;
+        };
+        let bar = |angle: &PhotoLabel| bars.iter().find(|(a, _)| a == angle).map(|(_, b)| b);
+        match p {
+            Progress::Started { .. } => {}
+            Progress::Retrying { angle, attempt, reason, .. } => {
+                if let Some(b) = bar(angle) {
+                    b.set_message(format!("attempt {attempt} ({reason})"));
+                }
+            }
+            Progress::Captured { angle, width, height, bytes, .. } => {
+                if let Some(b) = bar(angle) {
+                    b.finish_with_message(format!("stored {width}x{height} {}", ByteSize(*bytes)));
+                }
+            }
+            Progress::Failed { angle, reason, .. } => {
+                if let Some(b) = bar(angle) {
+                    b.finish_with_message(format!("FAILED: {reason}"));
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some((_, bars)) = &self.bars {
+            for (_, b) in bars {
+                if !b.is_finished() {
+                    b.finish();
+                }
+            }
+        }
+    }
+}

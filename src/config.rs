@@ -1,0 +1,790 @@
+//! The bay's configuration: one TOML file read into a serde `RawConfig` (unknown keys refused),
+//! then checked into a [`Config`] whose values cannot be wrong. Every refusal names the key,
+//! the problem and the fix.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::capture::CameraSource;
+use crate::imaging::ResizeSpec;
+use crate::store::Caps;
+use crate::vehicle::PhotoLabel;
+
+/// A configuration that passed every check.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub bay_id: String,
+    pub state_dir: PathBuf,
+    pub inspection: InspectionConfig,
+    pub imaging: ResizeSpec,
+    pub buffer: BufferConfig,
+    pub cameras: Vec<CameraConfig>,
+    /// The cloud inspection API; `None` captures and buffers only.
+    pub cloud: Option<CloudConfig>,
+}
+
+/// `[cloud]`: where and as whom the kiosk uploads.
+#[derive(Debug, Clone)]
+pub struct CloudConfig {
+    /// `https://…` (or `http://` for a stand-in on the same machine), without a trailing slash.
+    pub base_url: String,
+    pub username: String,
+    pub api_key: String,
+    /// The bay's `client_id` in `/api/authenticate`.
+    pub client_id: String,
+    /// Where the API secret comes from; read by [`CloudConfig::secret`].
+    pub api_secret_file: Option<PathBuf>,
+    /// Largest upload request body; images are split over several requests below it.
+    pub max_request_bytes: u64,
+    /// Deadline for one request, connect to last byte.
+    pub request_timeout: Duration,
+    /// Refuse to sign while the clock is not known to be right (turn off only on benches).
+    pub require_clock_sync: bool,
+}
+
+impl CloudConfig {
+    /// Loads the API secret: `api_secret_file` (owner-only permissions required), else the
+    /// systemd credential `api-secret` in `$CREDENTIALS_DIRECTORY`.
+    pub fn secret(
+        &self,
+    ) -> Result<crate::upload::credentials::Secret, crate::upload::credentials::CredentialError> {
+        let credentials_dir = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+        crate::upload::credentials::load_secret(self.api_secret_file.as_deref(), credentials_dir.as_deref())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct InspectionConfig {
+    /// The angles an inspection captures when none are named, in order.
+    pub angles: Vec<PhotoLabel>,
+    /// Captures of one angle before it is marked failed (first try included).
+    pub capture_attempts: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct BufferConfig {
+    pub caps: Caps,
+    /// Completed (uploaded) inspections older than this are pruned; `None` keeps them forever.
+    pub completed_retention: Option<Duration>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CameraConfig {
+    pub id: String,
+    pub source: CameraSource,
+    /// The angles this camera shoots, in the order it is driven through them.
+    pub angles: Vec<PhotoLabel>,
+    /// Deadline for one frame (network and device sources).
+    pub timeout: Duration,
+    /// Largest frame accepted from the source.
+    pub max_frame_bytes: u64,
+}
+
+impl Config {
+    /// The camera that shoots `angle`, if any.
+    pub fn camera_for(&self, angle: PhotoLabel) -> Option<&CameraConfig> {
+        self.cameras.iter().find(|c| c.angles.contains(&angle))
+    }
+
+    /// Every angle some camera can shoot, in camera order.
+    pub fn covered_angles(&self) -> Vec<PhotoLabel> {
+        self.cameras.iter().flat_map(|c| c.angles.iter().copied()).collect()
+    }
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read at all.
+    #[error("config {path}: cannot be read: {reason}")]
+    Unreadable { path: String, reason: String },
+    /// TOML syntax, an unknown key or a value of the wrong type (the TOML parser's own words).
+    #[error("config {path}: {message}")]
+    Syntax { path: String, message: String },
+    /// A key whose value is refused.
+    #[error("config {path}: {key}: {problem}; {fix}")]
+    Invalid { path: String, key: String, problem: String, fix: String },
+}
+
+impl ConfigError {
+    /// The key at fault, when one is.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            ConfigError::Invalid { key, .. } => Some(key),
+            _ => None,
+        }
+    }
+}
+
+/// Reads and checks a configuration file; creates `state_dir` if needed and proves it writable.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::Unreadable { path: path.display().to_string(), reason: e.to_string() })?;
+    let config = parse(&text, &path.display().to_string())?;
+    if let Some(cloud) = &config.cloud {
+        cloud.secret().map_err(|e| ConfigError::Invalid {
+            path: path.display().to_string(),
+            key: "cloud.api_secret_file".to_owned(),
+            problem: e.to_string(),
+            fix: "the kiosk cannot sign requests without it".to_owned(),
+        })?;
+    }
+    prepare_state_dir(&config.state_dir).map_err(|(problem, fix)| ConfigError::Invalid {
+        path: path.display().to_string(),
+        key: "state_dir".to_owned(),
+        problem,
+        fix,
+    })?;
+    Ok(config)
+}
+
+/// Parses and checks a configuration without touching the file system; `origin` names the
+/// text in messages.
+pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+    let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+        path: origin.to_owned(),
+        message: e.to_string().trim_end().to_owned(),
+    })?;
+    raw.check().map_err(|i| ConfigError::Invalid {
+        path: origin.to_owned(),
+        key: i.key,
+        problem: i.problem,
+        fix: i.fix,
+    })
+}
+
+/// Creates the state directory if needed and proves the kiosk can write in it.
+/// On failure: (what went wrong, what to do).
+pub fn prepare_state_dir(dir: &Path) -> Result<(), (String, String)> {
+    let fix = "create it and give the kiosk's user write access, or point state_dir at another directory";
+    std::fs::create_dir_all(dir)
+        .map_err(|e| (format!("{} cannot be created: {e}", dir.display()), fix.to_owned()))?;
+    let probe = dir.join(".capture-kiosk-write-test");
+    std::fs::write(&probe, b"ok")
+        .map_err(|e| (format!("{} is not writable: {e}", dir.display()), fix.to_owned()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+/// A byte count written as `8 GiB`, `512 MiB`, `500MB`, `1048576` or `64 kB`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn parse(text: &str) -> Result<ByteSize, String> {
+        let t = text.trim();
+        let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+        let (number, unit) = t.split_at(split);
+        let unit = unit.trim();
+        if number.is_empty() {
+            return Err(format!("{text:?} does not start with a number"));
+        }
+        let multiplier: u64 = match unit.to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" => 1_000,
+            "m" | "mb" => 1_000_000,
+            "g" | "gb" => 1_000_000_000,
+            "t" | "tb" => 1_000_000_000_000,
+            "kib" => 1 << 10,
+            "mib" => 1 << 20,
+            "gib" => 1 << 30,
+            "tib" => 1 << 40,
+            _ => return Err(format!("{text:?} has an unknown unit {unit:?}")),
+        };
+        let value: f64 = number.parse().map_err(|_| format!("{text:?} does not start with a number"))?;
+        let bytes = value * multiplier as f64;
+        if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+            return Err(format!("{text:?} is out of range"));
+        }
+        Ok(ByteSize(bytes.round() as u64))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+        let mut value = self.0 as f64;
+        let mut unit = 0;
+        while value >= 1024.0 && unit < UNITS.len() - 1 {
+            value /= 1024.0;
+            unit += 1;
+        }
+        if unit == 0 {
+            write!(f, "{} B", self.0)
+        } else {
+            write!(f, "{value:.1} {}", UNITS[unit])
+        }
+    }
+}
+
+const SIZE_FIX: &str = "write a number with a unit, e.g. \"8 GiB\", \"512 MiB\" or \"500 MB\"";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    bay_id: String,
+    state_dir: PathBuf,
+    #[serde(default)]
+    inspection: RawInspection,
+    #[serde(default)]
+    imaging: RawImaging,
+    #[serde(default)]
+    buffer: RawBuffer,
+    #[serde(default)]
+    cameras: Vec<RawCamera>,
+    cloud: Option<RawCloud>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCloud {
+    base_url: String,
+    username: String,
+    api_key: String,
+    client_id: String,
+    api_secret_file: Option<PathBuf>,
+    #[serde(default = "default_request_bytes")]
+    max_request_bytes: String,
+    #[serde(default = "default_request_timeout")]
+    request_timeout: String,
+    #[serde(default = "default_true")]
+    require_clock_sync: bool,
+}
+
+fn default_request_bytes() -> String {
+    "32 MiB".to_owned()
+}
+fn default_request_timeout() -> String {
+    "60s".to_owned()
+}
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInspection {
+    #[serde(default = "default_angles")]
+    angles: Vec<String>,
+    #[serde(default = "default_attempts")]
+    capture_attempts: i64,
+}
+
+impl Default for RawInspection {
+    fn default() -> Self {
+        RawInspection { angles: default_angles(), capture_attempts: default_attempts() }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawImaging {
+    #[serde(default = "default_long_edge")]
+    max_long_edge: i64,
+    #[serde(default = "default_quality")]
+    jpeg_quality: i64,
+}
+
+impl Default for RawImaging {
+    fn default() -> Self {
+        RawImaging { max_long_edge: default_long_edge(), jpeg_quality: default_quality() }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBuffer {
+    #[serde(default = "default_max_bytes")]
+    max_bytes: String,
+    #[serde(default = "default_min_free")]
+    min_free_disk: String,
+    #[serde(default = "default_retention")]
+    completed_retention: String,
+}
+
+impl Default for RawBuffer {
+    fn default() -> Self {
+        RawBuffer {
+            max_bytes: default_max_bytes(),
+            min_free_disk: default_min_free(),
+            completed_retention: default_retention(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCamera {
+    id: String,
+    source: String,
+    angles: Vec<String>,
+    #[serde(default = "default_timeout")]
+    timeout: String,
+    #[serde(default = "default_max_frame")]
+    max_frame_bytes: String,
+}
+
+fn default_angles() -> Vec<String> {
+    PhotoLabel::EXTERIOR.iter().map(|l| l.as_str().to_owned()).collect()
+}
+fn default_attempts() -> i64 {
+    3
+}
+fn default_long_edge() -> i64 {
+    1920
+}
+fn default_quality() -> i64 {
+    85
+}
+fn default_max_bytes() -> String {
+    "8 GiB".to_owned()
+}
+fn default_min_free() -> String {
+    "512 MiB".to_owned()
+}
+fn default_retention() -> String {
+    "7 days".to_owned()
+}
+fn default_timeout() -> String {
+    "5s".to_owned()
+}
+fn default_max_frame() -> String {
+    "32 MiB".to_owned()
+}
+
+struct Invalid {
+    key: String,
+    problem: String,
+    fix: String,
+}
+
+fn invalid(key: impl Into<String>, problem: impl Into<String>, fix: impl Into<String>) -> Invalid {
+    Invalid { key: key.into(), problem: problem.into(), fix: fix.into() }
+}
+
+fn labels(key: &str, names: &[String]) -> Result<Vec<PhotoLabel>, Invalid> {
+    names
+        .iter()
+        .map(|n| {
+            PhotoLabel::parse(n).map_err(|_| {
+                invalid(
+                    key,
+                    format!("{n:?} is not a photo label"),
+                    format!("use one of {}", PhotoLabel::names().join(", ")),
+                )
+            })
+        })
+        .collect()
+}
+
+fn size(key: &str, text: &str) -> Result<u64, Invalid> {
+    ByteSize::parse(text).map(|s| s.0).map_err(|problem| invalid(key, problem, SIZE_FIX))
+}
+
+fn duration(key: &str, text: &str) -> Result<Duration, Invalid> {
+    humantime::parse_duration(text.trim()).map_err(|e| {
+        invalid(
+            key,
+            format!("{text:?} is not a duration ({e})"),
+            "write e.g. \"5s\", \"30 min\" or \"7 days\"",
+        )
+    })
+}
+
+impl RawConfig {
+    fn check(self) -> Result<Config, Invalid> {
+        let bay_ok = !self.bay_id.is_empty()
+            && self.bay_id.len() <= 64
+            && self.bay_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !bay_ok {
+            return Err(invalid(
+                "bay_id",
+                format!("{:?} is not a usable bay id (it becomes part of MQTT topics)", self.bay_id),
+                "use 1-64 characters of A-Z, a-z, 0-9, '-' and '_', e.g. \"bay-07\"",
+            ));
+        }
+        if self.state_dir.as_os_str().is_empty() {
+            return Err(invalid(
+                "state_dir",
+                "is empty",
+                "set it to a directory, e.g. \"/var/lib/capture-kiosk\"",
+            ));
+        }
+
+        let angles = labels("inspection.angles", &self.inspection.angles)?;
+        if angles.is_empty() {
+            return Err(invalid(
+                "inspection.angles",
+                "is empty",
+                "list at least one angle, e.g. [\"Front\", \"Rear\"]",
+            ));
+        }
+        if let Some(dup) = first_duplicate(&angles) {
+            return Err(invalid("inspection.angles", format!("lists {dup} twice"), "list each angle once"));
+        }
+        let attempts = self.inspection.capture_attempts;
+        if !(1..=10).contains(&attempts) {
+            return Err(invalid(
+                "inspection.capture_attempts",
+                format!("{attempts} is out of range"),
+                "use 1 to 10 (3 is a good start)",
+            ));
+        }
+
+        let edge = self.imaging.max_long_edge;
+        if !(64..=16384).contains(&edge) {
+            return Err(invalid(
+                "imaging.max_long_edge",
+                format!("{edge} is out of range"),
+                "use 64 to 16384 pixels (1920 is usual)",
+            ));
+        }
+        let quality = self.imaging.jpeg_quality;
+        if !(1..=100).contains(&quality) {
+            return Err(invalid(
+                "imaging.jpeg_quality",
+                format!("{quality} is out of range"),
+                "use 1 to 100 (85 is usual)",
+            ));
+        }
+
+        let max_bytes = size("buffer.max_bytes", &self.buffer.max_bytes)?;
+        if max_bytes < 1 << 20 {
+            return Err(invalid(
+                "buffer.max_bytes",
+                format!("{} is too small to hold one inspection", ByteSize(max_bytes)),
+                "use at least \"64 MiB\"",
+            ));
+        }
+        let min_free_disk = size("buffer.min_free_disk", &self.buffer.min_free_disk)?;
+        let retention_text = self.buffer.completed_retention.trim();
+        let completed_retention = if retention_text.eq_ignore_ascii_case("forever") {
+            None
+        } else {
+            Some(duration("buffer.completed_retention", retention_text)?)
+        };
+
+        if self.cameras.is_empty() {
+            return Err(invalid(
+                "cameras",
+                "no camera is configured",
+                "add a [[cameras]] table with id, source and angles",
+            ));
+        }
+        let mut cameras = Vec::with_capacity(self.cameras.len());
+        let mut owner: BTreeMap<PhotoLabel, String> = BTreeMap::new();
+        for (index, raw) in self.cameras.into_iter().enumerate() {
+            let at = |field: &str| format!("cameras[{index}].{field}");
+            let id_ok = !raw.id.is_empty()
+                && raw.id.len() <= 64
+                && raw.id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            if !id_ok {
+                return Err(invalid(
+                    at("id"),
+                    format!("{:?} is not a usable camera id", raw.id),
+                    "use 1-64 characters of A-Z, a-z, 0-9, '-' and '_'",
+                ));
+            }
+            if cameras.iter().any(|c: &CameraConfig| c.id == raw.id) {
+                return Err(invalid(
+                    at("id"),
+                    format!("{:?} is used by two cameras", raw.id),
+                    "give every camera its own id",
+                ));
+            }
+            let source =
+                CameraSource::parse(&raw.source).map_err(|e| invalid(at("source"), e.problem, e.fix))?;
+            let cam_angles = labels(&at("angles"), &raw.angles)?;
+            if cam_angles.is_empty() {
+                return Err(invalid(
+                    at("angles"),
+                    "is empty",
+                    "list the angles this camera shoots, e.g. [\"Front\"]",
+                ));
+            }
+            for angle in &cam_angles {
+                if let Some(other) = owner.insert(*angle, raw.id.clone()) {
+                    return Err(invalid(
+                        at("angles"),
+                        format!("{angle} is covered twice (cameras {other:?} and {:?})", raw.id),
+                        "give each angle to exactly one camera",
+                    ));
+                }
+            }
+            let timeout = duration(&at("timeout"), &raw.timeout)?;
+            if timeout.is_zero() || timeout > Duration::from_secs(120) {
+                return Err(invalid(
+                    at("timeout"),
+                    format!("{} is out of range", raw.timeout),
+                    "use between \"100ms\" and \"120s\"",
+                ));
+            }
+            let max_frame_bytes = size(&at("max_frame_bytes"), &raw.max_frame_bytes)?;
+            if max_frame_bytes < 64 * 1024 {
+                return Err(invalid(
+                    at("max_frame_bytes"),
+                    "is too small for a camera frame",
+                    "use at least \"1 MiB\" (32 MiB is the default)",
+                ));
+            }
+            cameras.push(CameraConfig { id: raw.id, source, angles: cam_angles, timeout, max_frame_bytes });
+        }
+        if let Some(missing) = angles.iter().find(|a| !owner.contains_key(a)) {
+            return Err(invalid(
+                "inspection.angles",
+                format!("{missing} is required but no camera covers it"),
+                format!(
+                    "add {missing} to the angles of a [[cameras]] entry, or remove it from inspection.angles"
+                ),
+            ));
+        }
+
+        let cloud = match self.cloud {
+            None => None,
+            Some(raw) => Some(raw.check()?),
+        };
+
+        Ok(Config {
+            cloud,
+            bay_id: self.bay_id,
+            state_dir: self.state_dir,
+            inspection: InspectionConfig { angles, capture_attempts: attempts as u32 },
+            imaging: ResizeSpec { max_long_edge: edge as u32, jpeg_quality: quality as u8 },
+            buffer: BufferConfig { caps: Caps { max_bytes, min_free_disk }, completed_retention },
+            cameras,
+        })
+    }
+}
+
+impl RawCloud {
+    fn check(self) -> Result<CloudConfig, Invalid> {
+        let url = self.base_url.trim().trim_end_matches('/').to_owned();
+        let lower = url.to_ascii_lowercase();
+        let host = lower.split_once("://").map(|(_, rest)| rest).unwrap_or("");
+        if !(lower.starts_with("https://") || lower.starts_with("http://")) || host.is_empty() {
+            return Err(invalid(
+                "cloud.base_url",
+                format!("{url:?} is not an http(s) URL"),
+                "write e.g. \"https://api.example.com\"",
+            ));
+        }
+        if url.contains('@') {
+            return Err(invalid("cloud.base_url", "contains credentials", "remove user:password@ from the URL; the account goes in username, api_key and the secret file"));
+        }
+        for (key, value) in [("cloud.username", &self.username), ("cloud.api_key", &self.api_key)] {
+            if value.trim().is_empty() || value.chars().any(char::is_control) {
+                return Err(invalid(
+                    key,
+                    "is empty or has control characters",
+                    "copy it from the cloud account's settings",
+                ));
+            }
+        }
+        let client_ok = !self.client_id.is_empty()
+            && self.client_id.len() <= 64
+            && !self.client_id.chars().any(char::is_control);
+        if !client_ok {
+            return Err(invalid(
+                "cloud.client_id",
+                format!("{:?} is not usable", self.client_id),
+                "use 1-64 printable characters, e.g. \"BAY-07\"",
+            ));
+        }
+        let max_request_bytes = size("cloud.max_request_bytes", &self.max_request_bytes)?;
+        if !(1 << 20..=64 << 20).contains(&max_request_bytes) {
+            return Err(invalid(
+                "cloud.max_request_bytes",
+                format!("{} is out of range", ByteSize(max_request_bytes)),
+                "use 1 MiB to 64 MiB (the cloud refuses requests over 64 MiB)",
+            ));
+        }
+        let request_timeout = duration("cloud.request_timeout", &self.request_timeout)?;
+        if request_timeout < Duration::from_secs(1) || request_timeout > Duration::from_secs(600) {
+            return Err(invalid(
+                "cloud.request_timeout",
+                format!("{} is out of range", self.request_timeout),
+                "use 1s to 10min",
+            ));
+        }
+        Ok(CloudConfig {
+            base_url: url,
+            username: self.username,
+            api_key: self.api_key,
+            client_id: self.client_id,
+            api_secret_file: self.api_secret_file,
+            max_request_bytes,
+            request_timeout,
+            require_clock_sync: self.require_clock_sync,
+        })
+    }
+}
+
+fn first_duplicate(labels: &[PhotoLabel]) -> Option<PhotoLabel> {
+    labels.iter().enumerate().find(|(i, l)| labels[..*i].contains(l)).map(|(_, l)| *l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+bay_id = "bay-07"
+state_dir = "/var/lib/capture-kiosk"
+
+[inspection]
+angles = ["Front", "Front_Left", "Left", "Rear_Left", "Rear", "Rear_Right", "Right", "Front_Right"]
+capture_attempts = 3
+
+[imaging]
+max_long_edge = 1920
+jpeg_quality = 85
+
+[buffer]
+max_bytes = "8 GiB"
+min_free_disk = "512 MiB"
+
+[[cameras]]
+id = "front"
+source = "synthetic:4032x3024"
+angles = ["Front", "Front_Left", "Front_Right"]
+
+[[cameras]]
+id = "sides"
+source = "dir:/srv/photos"
+angles = ["Left", "Right"]
+
+[[cameras]]
+id = "rear"
+source = "http://10.0.0.5/snapshot.jpg"
+angles = ["Rear", "Rear_Left", "Rear_Right", "VIN"]
+"#;
+
+    /// Parses `text` and expects a refusal whose key is `key` and whose message has `words`.
+    fn check_refused(text: &str, key: Option<&str>, words: &[&str]) {
+        let err = parse(text, "test.toml").expect_err("config should be refused");
+        assert_eq!(err.key(), key, "{err}");
+        let shown = err.to_string();
+        for w in words {
+            assert!(shown.contains(w), "{shown:?} should mention {w:?}");
+        }
+    }
+
+    #[test]
+    fn the_documented_example_is_accepted() {
+        let c = parse(GOOD, "test.toml").unwrap();
+        assert_eq!(c.bay_id, "bay-07");
+        assert_eq!(c.inspection.angles.len(), 8);
+        assert_eq!(c.buffer.caps.max_bytes, 8 << 30);
+        assert_eq!(c.buffer.caps.min_free_disk, 512 << 20);
+        assert_eq!(c.camera_for(PhotoLabel::Vin).unwrap().id, "rear");
+        assert_eq!(c.imaging, ResizeSpec { max_long_edge: 1920, jpeg_quality: 85 });
+    }
+
+    #[test]
+    fn every_documented_mistake_names_its_key_and_fix() {
+        check_refused(
+            &GOOD.replace("capture_attempts = 3", "capture_attempts = 3\nflash = true"),
+            None,
+            &["unknown field", "flash"],
+        );
+        check_refused(
+            &GOOD.replace("[imaging]", "[imaging]\nsharpen = 1"),
+            None,
+            &["unknown field", "sharpen"],
+        );
+        check_refused(
+            &GOOD.replace("angles = [\"Left\", \"Right\"]", "angles = [\"Left\"]"),
+            Some("inspection.angles"),
+            &["Right", "no camera covers it"],
+        );
+        check_refused(
+            &GOOD.replace("angles = [\"Left\", \"Right\"]", "angles = [\"Left\", \"Right\", \"Front\"]"),
+            Some("cameras[1].angles"),
+            &["Front is covered twice", "\"front\"", "\"sides\""],
+        );
+        check_refused(
+            &GOOD.replace("\"8 GiB\"", "\"8 gigs\""),
+            Some("buffer.max_bytes"),
+            &["unknown unit", "512 MiB"],
+        );
+        check_refused(
+            &GOOD.replace("\"512 MiB\"", "\"lots\""),
+            Some("buffer.min_free_disk"),
+            &["does not start with a number"],
+        );
+        check_refused(
+            &GOOD.replace("jpeg_quality = 85", "jpeg_quality = 101"),
+            Some("imaging.jpeg_quality"),
+            &["101", "1 to 100"],
+        );
+        check_refused(
+            &GOOD.replace("jpeg_quality = 85", "jpeg_quality = 0"),
+            Some("imaging.jpeg_quality"),
+            &["out of range"],
+        );
+        check_refused(
+            &GOOD.replace("dir:/srv/photos", "ftp://cam/x.jpg"),
+            Some("cameras[1].source"),
+            &["ftp", "synthetic:WxH"],
+        );
+        check_refused(
+            &GOOD.replace("\"Left\", \"Right\"]", "\"Left\", \"Sideways\"]"),
+            Some("cameras[1].angles"),
+            &["Sideways", "Front_Left"],
+        );
+        check_refused(
+            &GOOD.replace("id = \"sides\"", "id = \"front\""),
+            Some("cameras[1].id"),
+            &["two cameras"],
+        );
+        check_refused(&GOOD.replace("bay_id = \"bay-07\"", "bay_id = \"bay/07\""), Some("bay_id"), &["MQTT"]);
+        check_refused(
+            &GOOD.replace("capture_attempts = 3", "capture_attempts = 0"),
+            Some("inspection.capture_attempts"),
+            &["1 to 10"],
+        );
+        check_refused(&GOOD.replace("state_dir = \"/var/lib/capture-kiosk\"\n", ""), None, &["state_dir"]);
+        check_refused("bay_id = \"b\"\nstate_dir = \"/x\"\n", Some("cameras"), &["no camera"]);
+    }
+
+    #[test]
+    fn a_state_dir_that_cannot_be_created_is_refused_by_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        let blocker = tmp.path().join("a-file");
+        std::fs::write(&blocker, b"x").unwrap();
+        let cfg_path = tmp.path().join("bay.toml");
+        let text = GOOD.replace("/var/lib/capture-kiosk", &blocker.join("state").display().to_string());
+        std::fs::write(&cfg_path, text).unwrap();
+        let err = load(&cfg_path).unwrap_err();
+        assert_eq!(err.key(), Some("state_dir"));
+        assert!(err.to_string().contains("cannot be created"), "{err}");
+
+        let ok_dir = tmp.path().join("state");
+        std::fs::write(&cfg_path, GOOD.replace("/var/lib/capture-kiosk", &ok_dir.display().to_string()))
+            .unwrap();
+        load(&cfg_path).unwrap();
+        assert!(ok_dir.is_dir());
+    }
+
+    #[test]
+    fn sizes_parse_in_the_units_people_write() {
+        for (text, bytes) in [
+            ("8 GiB", 8u64 << 30),
+            ("512 MiB", 512 << 20),
+            ("500MB", 500_000_000),
+            ("1048576", 1 << 20),
+            ("1.5 KiB", 1536),
+            ("64 kb", 64_000),
+        ] {
+            assert_eq!(ByteSize::parse(text), Ok(ByteSize(bytes)), "{text}");
+        }
+        for bad in ["", "GiB", "8 gigs", "-1 MiB", "1e400"] {
+            assert!(ByteSize::parse(bad).is_err(), "{bad:?} should be refused");
+        }
+        assert_eq!(ByteSize(8 << 30).to_string(), "8.0 GiB");
+    }
+}

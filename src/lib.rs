@@ -1,0 +1,18 @@
+//! capture-kiosk: the brain of an unattended drive-through vehicle inspection bay.
+//!
+//! `ARCHITECTURE.md` at the top of the repository maps the modules.
+
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
+pub mod capture;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod demo;
+pub mod imaging;
+pub mod inspection;
+pub mod logging;
+pub mod standin;
+pub mod store;
+pub mod upload;
+pub mod vehicle;

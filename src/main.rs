@@ -1,0 +1,17 @@
+//! The `capture-kiosk` binary: parses the command line, sets up logging and hands over to the
+//! library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = capture_kiosk::cli::Cli::parse();
+    let level = match cli.verbose {
+        0 => log::LevelFilter::Info,
+        1 => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    };
+    capture_kiosk::logging::init(level);
+    capture_kiosk::cli::run(cli)
+}
