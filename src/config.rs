@@ -771,6 +771,54 @@ angles = ["Rear", "Rear_Left", "Rear_Right", "VIN"]
     }
 
     #[test]
+    fn the_cloud_section_is_checked_and_its_secret_file_must_be_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let secret = tmp.path().join("api-secret");
+        std::fs::write(&secret, "the-secret\n").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let cloud = format!(
+            "\n[cloud]\nbase_url = \"https://api.example.com/\"\nusername = \"acme\"\napi_key = \"KEY\"\nclient_id = \"BAY-07\"\napi_secret_file = \"{}\"\n",
+            secret.display()
+        );
+        let text =
+            GOOD.replace("/var/lib/capture-kiosk", &tmp.path().join("state").display().to_string()) + &cloud;
+        let c = parse(&text, "test.toml").unwrap().cloud.unwrap();
+        assert_eq!(c.base_url, "https://api.example.com");
+        assert_eq!(c.max_request_bytes, 32 << 20);
+        assert!(c.require_clock_sync);
+
+        let path = tmp.path().join("bay.toml");
+        std::fs::write(&path, &text).unwrap();
+        let err = load(&path).unwrap_err();
+        assert_eq!(err.key(), Some("cloud.api_secret_file"), "{err}");
+        assert!(err.to_string().contains("chmod 600") && !err.to_string().contains("the-secret"), "{err}");
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(load(&path).unwrap().cloud.unwrap().secret().unwrap().expose(), "the-secret");
+
+        check_refused(
+            &text.replace("https://api.example.com/", "ftp://x"),
+            Some("cloud.base_url"),
+            &["http(s)"],
+        );
+        check_refused(
+            &text.replace("client_id = \"BAY-07\"", "client_id = \"\""),
+            Some("cloud.client_id"),
+            &["1-64"],
+        );
+        check_refused(
+            &text.replace("api_key = \"KEY\"", "api_key = \"KEY\"\ntoken = \"x\""),
+            None,
+            &["unknown field", "token"],
+        );
+        check_refused(
+            &(text.clone() + "max_request_bytes = \"100 MiB\"\n"),
+            Some("cloud.max_request_bytes"),
+            &["64 MiB"],
+        );
+    }
+
+    #[test]
     fn sizes_parse_in_the_units_people_write() {
         for (text, bytes) in [
             ("8 GiB", 8u64 << 30),
