@@ -88,8 +88,10 @@ pub fn render_scene(width: u32, height: u32, angle: PhotoLabel, seed: u64) -> Rg
                     if (x % (width / 16).max(1)) < 3 || (y % (height / 12).max(1)) < 3 { 0.7 } else { 1.0 };
                 [150.0 * tile, 155.0 * tile, 160.0 * tile]
             } else {
+                // Concrete: a coarse aggregate texture that costs the encoder what real ground does.
                 let t = (yf - horizon) / (h - horizon);
-                [90.0 + 40.0 * t, 88.0 + 40.0 * t, 85.0 + 40.0 * t]
+                let grain = ((x.wrapping_mul(2_654_435_761) ^ y.wrapping_mul(40_503)) >> 7 & 0x1f) as f32 - 15.5;
+                [90.0 + 40.0 * t + grain, 88.0 + 40.0 * t + grain, 85.0 + 40.0 * t + grain]
             };
             let in_body = xf > car_left && xf < car_right && yf > belt && yf < sill;
             let in_glass = yf > roof && yf <= belt && xf > car_left + inset && xf < car_right - inset;
@@ -111,11 +113,11 @@ pub fn render_scene(width: u32, height: u32, angle: PhotoLabel, seed: u64) -> Rg
             noise ^= noise >> 7;
             noise ^= noise << 17;
             // Sensor noise, a little different in each channel as on a real Bayer sensor.
-            let n = |shift: u64| ((noise >> shift) & 0x7) as f32 - 3.5;
+            let n = |shift: u64| ((noise >> shift) & 0xf) as f32 - 7.5;
             *px = Rgb([
                 (c[0] * light + n(0)).clamp(0.0, 255.0) as u8,
-                (c[1] * light + n(3)).clamp(0.0, 255.0) as u8,
-                (c[2] * light + n(6)).clamp(0.0, 255.0) as u8,
+                (c[1] * light + n(4)).clamp(0.0, 255.0) as u8,
+                (c[2] * light + n(8)).clamp(0.0, 255.0) as u8,
             ]);
         }
     }
