@@ -90,7 +90,8 @@ pub fn render_scene(width: u32, height: u32, angle: PhotoLabel, seed: u64) -> Rg
             } else {
                 // Concrete: a coarse aggregate texture that costs the encoder what real ground does.
                 let t = (yf - horizon) / (h - horizon);
-                let grain = ((x.wrapping_mul(2_654_435_761) ^ y.wrapping_mul(40_503)) >> 7 & 0x1f) as f32 - 15.5;
+                let grain =
+                    ((x.wrapping_mul(2_654_435_761) ^ y.wrapping_mul(40_503)) >> 7 & 0x1f) as f32 - 15.5;
                 [90.0 + 40.0 * t + grain, 88.0 + 40.0 * t + grain, 85.0 + 40.0 * t + grain]
             };
             let in_body = xf > car_left && xf < car_right && yf > belt && yf < sill;
