@@ -19,8 +19,9 @@ use crate::demo::{self, DemoOptions};
 use crate::imaging;
 use crate::inspection::{self, InspectionError, Progress, Request, Rig, Settings};
 use crate::standin::{StandIn, StandInConfig};
-use crate::store::{InspectionSummary, Store, StoreError};
+use crate::store::{InspectionId, InspectionState, InspectionSummary, Store, StoreError, UploadState};
 use crate::upload::credentials::load_secret;
+use crate::upload::{drain, Event};
 use crate::vehicle::{CaseId, PhotoLabel, Vehicle, Vin};
 
 /// Exit status of a command that did its work.
@@ -33,6 +34,9 @@ pub const EXIT_USAGE: u8 = 2;
 pub const EXIT_PARTIAL: u8 = 3;
 /// The buffer refused a new inspection (a cap was reached): nothing was captured.
 pub const EXIT_REFUSED: u8 = 4;
+/// The images are safe in the buffer but could not reach the cloud yet (offline, clock
+/// untrusted, the cloud asking to wait): they will upload when it can be done.
+pub const EXIT_BUFFERED: u8 = 5;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -68,6 +72,22 @@ pub enum Command {
         /// Comma-separated angles (default: the config's inspection.angles).
         #[arg(long, value_delimiter = ',')]
         angles: Option<Vec<String>>,
+        /// Only capture and buffer; leave the upload to `upload` or the daemon.
+        #[arg(long)]
+        no_upload: bool,
+        /// How long the upload may wait on the cloud (Retry-After, backoff) before giving up
+        /// and leaving the images buffered.
+        #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+        upload_wait: Duration,
+    },
+    /// Upload what is buffered, oldest first, once, and exit: 0 when the queue is empty,
+    /// 5 when images are left buffered (offline, clock untrusted), 3 when the cloud refused some.
+    Upload {
+        #[arg(long)]
+        config: PathBuf,
+        /// How long to wait on the cloud (Retry-After, backoff) before leaving the rest buffered.
+        #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+        max_wait: Duration,
     },
     /// Show what is buffered.
     Queue {
@@ -119,9 +139,11 @@ pub enum Command {
 pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Check { config } => check(&config),
-        Command::Inspect { config, case_id, vin, angles } => {
-            inspect(&config, &case_id, vin.as_deref(), angles.as_deref())
+        Command::Inspect { config, case_id, vin, angles, no_upload, upload_wait } => {
+            let upload = (!no_upload).then_some(upload_wait);
+            inspect(&config, &case_id, vin.as_deref(), angles.as_deref(), upload)
         }
+        Command::Upload { config, max_wait } => upload(&config, max_wait),
         Command::Queue { config, json } => queue(&config, json),
         Command::Cameras { config } => cameras(&config),
         Command::Standin { port, username, api_key, api_secret_file, token_ttl, session_ttl } => {
@@ -174,7 +196,13 @@ fn open_store(config: &Config) -> anyhow::Result<Store> {
     Ok(store)
 }
 
-fn inspect(path: &Path, case_id: &str, vin: Option<&str>, angles: Option<&[String]>) -> anyhow::Result<u8> {
+fn inspect(
+    path: &Path,
+    case_id: &str,
+    vin: Option<&str>,
+    angles: Option<&[String]>,
+    upload_wait: Option<Duration>,
+) -> anyhow::Result<u8> {
     // Everything the operator typed is checked before a camera is touched.
     let case_id = match CaseId::parse(case_id) {
         Ok(c) => c,
@@ -230,7 +258,84 @@ fn inspect(path: &Path, case_id: &str, vin: Option<&str>, angles: Option<&[Strin
     for (angle, reason) in &outcome.failed {
         println!("  failed {angle}: {reason}");
     }
-    Ok(if outcome.failed.is_empty() { EXIT_OK } else { EXIT_PARTIAL })
+    let captured = if outcome.failed.is_empty() { EXIT_OK } else { EXIT_PARTIAL };
+    if outcome.captured.is_empty() {
+        return Ok(EXIT_FAILED);
+    }
+    let (Some(cloud), Some(budget)) = (&config.cloud, upload_wait) else {
+        if upload_wait.is_some() {
+            println!("capture only: the config has no [cloud] section; the images stay buffered");
+        }
+        return Ok(captured);
+    };
+    let mut store = store.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let code = upload_until(&mut store, cloud, budget, Some(outcome.inspection_id))?;
+    Ok(if code == EXIT_OK { captured } else { code })
+}
+
+fn upload(path: &Path, max_wait: Duration) -> anyhow::Result<u8> {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let Some(cloud) = &config.cloud else {
+        return usage(format!(
+            "{}: no [cloud] section, so there is nowhere to upload to; add one (see README.md)",
+            path.display()
+        ));
+    };
+    let mut store = open_store(&config)?;
+    upload_until(&mut store, cloud, max_wait, None)
+}
+
+/// Drains the queue and reports; with `focus`, the exit status is that inspection's fate.
+fn upload_until(
+    store: &mut Store,
+    cloud: &config::CloudConfig,
+    budget: Duration,
+    focus: Option<InspectionId>,
+) -> anyhow::Result<u8> {
+    let clock: Arc<dyn crate::clock::Clock> = Arc::new(SystemClock::new());
+    let mut uploader = match drain::uploader(cloud, clock) {
+        Ok(u) => u,
+        Err(e) => return usage(e),
+    };
+    let waiting = store.totals()?.awaiting_upload;
+    eprintln!("uploading {waiting} inspection(s) to {}", cloud.base_url);
+    let started = std::time::Instant::now();
+    let mut display = UploadDisplay::new();
+    let drained =
+        drain::drain(&mut uploader, store, budget, &mut std::thread::sleep, &mut |e| display.show(e));
+    display.finish();
+    let elapsed = started.elapsed().as_secs_f64();
+    println!(
+        "uploaded {} inspection(s), {} in {:.2} s; {} refused by the cloud",
+        drained.completed.len(),
+        ByteSize(drained.bytes_sent),
+        elapsed,
+        drained.failed.len()
+    );
+    for (id, reason) in &drained.failed {
+        println!("  inspection {id} failed: {reason}");
+    }
+    let left = store.totals()?.awaiting_upload;
+    let buffered = |why: Option<&String>| {
+        println!(
+            "buffered, will upload when online: {}",
+            why.map(String::as_str).unwrap_or("the cloud could not be reached")
+        );
+        EXIT_BUFFERED
+    };
+    Ok(match focus {
+        Some(id) => match store.inspection(id)?.map(|i| i.state) {
+            Some(InspectionState::Completed) => EXIT_OK,
+            Some(InspectionState::Failed) => EXIT_FAILED,
+            _ => buffered(drained.stopped.as_ref()),
+        },
+        None if left > 0 => buffered(drained.stopped.as_ref()),
+        None if !drained.failed.is_empty() => EXIT_PARTIAL,
+        None => EXIT_OK,
+    })
 }
 
 fn usage(e: impl std::fmt::Display) -> anyhow::Result<u8> {
@@ -247,6 +352,7 @@ fn queue(path: &Path, json: bool) -> anyhow::Result<u8> {
         .with_context(|| format!("the buffer in {} cannot be opened", config.state_dir.display()))?;
     let list = store.list()?;
     let totals = store.totals()?;
+    let uploads = store.upload_states()?;
     let now = SystemTime::now();
     if json {
         let inspections: Vec<serde_json::Value> = list
@@ -255,6 +361,8 @@ fn queue(path: &Path, json: bool) -> anyhow::Result<u8> {
                 let mut v = serde_json::to_value(i).unwrap_or_default();
                 v["age_s"] = serde_json::json!(age(now, i.created_at).as_secs());
                 v["created_at"] = serde_json::json!(crate::clock::rfc3339_seconds(i.created_at));
+                v["upload"] =
+                    serde_json::to_value(uploads.get(&i.id).cloned().unwrap_or_default()).unwrap_or_default();
                 v
             })
             .collect();
@@ -264,34 +372,45 @@ fn queue(path: &Path, json: bool) -> anyhow::Result<u8> {
         return Ok(EXIT_OK);
     }
     println!(
-        "{:>6}  {:<20} {:<10} {:>6} {:>10} {:>8}  note",
-        "id", "case_id", "state", "images", "bytes", "age"
+        "{:>6}  {:<20} {:<10} {:>6} {:>10} {:>8} {:>8}  note",
+        "id", "case_id", "state", "images", "bytes", "age", "attempts"
     );
     for i in &list {
+        let upload = uploads.get(&i.id).cloned().unwrap_or_default();
         println!(
-            "{:>6}  {:<20} {:<10} {:>6} {:>10} {:>8}  {}",
+            "{:>6}  {:<20} {:<10} {:>6} {:>10} {:>8} {:>8}  {}",
             i.id.0,
             i.case_id,
             format!("{:?}", i.state).to_lowercase(),
             i.images,
             ByteSize(i.bytes).to_string(),
             short_age(age(now, i.created_at)),
-            note(i)
+            upload.attempts,
+            note(i, &upload)
         );
     }
     println!(
-        "total: {} inspection(s), {} image(s), {}",
+        "total: {} inspection(s), {} image(s), {}; {} awaiting upload",
         totals.inspections,
         totals.images,
-        ByteSize(totals.bytes)
+        ByteSize(totals.bytes),
+        totals.awaiting_upload
     );
     Ok(EXIT_OK)
 }
 
-fn note(i: &InspectionSummary) -> String {
+fn note(i: &InspectionSummary, upload: &UploadState) -> String {
     let mut parts = Vec::new();
     if let Some(r) = &i.reason {
         parts.push(r.clone());
+    }
+    if matches!(i.state, InspectionState::Captured | InspectionState::Uploading) {
+        if let Some(session) = &upload.session {
+            parts.push(format!("session {session} holds {} of {} image(s)", upload.sent, i.images));
+        }
+        if let Some(e) = &upload.last_error {
+            parts.push(format!("last upload error: {e}"));
+        }
     }
     for (angle, reason) in &i.failed_angles {
         parts.push(format!("{angle} failed: {reason}"));
@@ -477,6 +596,55 @@ impl ProgressDisplay {
                     b.finish();
                 }
             }
+        }
+    }
+}
+
+/// One line per request on a non-terminal; a byte bar on a terminal.
+struct UploadDisplay {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl UploadDisplay {
+    fn new() -> UploadDisplay {
+        if !std::io::stderr().is_terminal() {
+            return UploadDisplay { bar: None };
+        }
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} upload {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        bar.enable_steady_tick(Duration::from_millis(120));
+        UploadDisplay { bar: Some(bar) }
+    }
+
+    fn show(&mut self, e: &Event) {
+        let line = match e {
+            Event::Started { id, case_id } => format!("inspection {id} ({case_id}): started"),
+            Event::Sent { id, labels, bytes } => {
+                let names: Vec<&str> = labels.iter().map(|l| l.as_str()).collect();
+                format!("inspection {id}: sent {} ({})", names.join(","), ByteSize(*bytes))
+            }
+            Event::Uploaded { id, case_id, session, images, bytes } => format!(
+                "inspection {id} ({case_id}): completed at the cloud, session {session}, {images} image(s), {}",
+                ByteSize(*bytes)
+            ),
+            Event::Failed { id, case_id, reason } => format!("inspection {id} ({case_id}): FAILED: {reason}"),
+            Event::Link(link) => match &link.last_error {
+                Some(e) => format!("waiting: {e}"),
+                None => "cloud reachable".to_owned(),
+            },
+        };
+        match &self.bar {
+            Some(bar) => bar.set_message(line),
+            None => eprintln!("{line}"),
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = &self.bar {
+            bar.finish();
         }
     }
 }

@@ -129,7 +129,11 @@ impl Conn<'_> {
             }
         }
 
-        let fault = if route == Route::Upload { shared.take_fault(Phase::Body, &head.path) } else { None };
+        let fault = if matches!(route, Route::Upload | Route::Complete) {
+            shared.take_fault(Phase::Body, &head.path)
+        } else {
+            None
+        };
         match fault {
             Some(Action::Fail { status, retry_after_secs }) => {
                 let message = if status == 429 {
@@ -153,6 +157,18 @@ impl Conn<'_> {
                     Ending::Reset
                 } else {
                     shared.give_back_fault(Action::DropAfterAccepting, &head.path);
+                    self.respond(shared, line, response)
+                }
+            }
+            Some(Action::HoldAfterAccepting(how_long)) => {
+                let response = api::handle(&shared.state, &shared.config, &route, &head, &body, shared.now());
+                if response.status == 200 {
+                    // Recorded when the hold begins, so that a test can see the request took effect.
+                    shared.record(&line, None, Some(FaultKind::HeldAfterAccepting), self.scanner.take_new());
+                    shared.sleep_unless_stopped(how_long);
+                    Ending::Close
+                } else {
+                    shared.give_back_fault(Action::HoldAfterAccepting(how_long), &head.path);
                     self.respond(shared, line, response)
                 }
             }

@@ -14,6 +14,9 @@ pub(crate) enum Action {
     Stall(Duration),
     /// Process the upload (store its files), then reset instead of answering.
     DropAfterAccepting,
+    /// Process the request (store, or complete), then hold the connection without answering
+    /// for this long and close it: the client cannot know it took effect.
+    HoldAfterAccepting(Duration),
 }
 
 /// Where in the exchange a fault is looked for.
@@ -29,7 +32,7 @@ impl Action {
     fn phase(self) -> Phase {
         match self {
             Action::Reset | Action::Stall(_) => Phase::Head,
-            Action::Fail { .. } | Action::DropAfterAccepting => Phase::Body,
+            Action::Fail { .. } | Action::DropAfterAccepting | Action::HoldAfterAccepting(_) => Phase::Body,
         }
     }
 }

@@ -200,6 +200,8 @@ pub enum FaultKind {
     Stalled,
     /// The upload was stored, then the connection was reset without an answer.
     DroppedAfterAccepting,
+    /// The request took effect, then the connection was held without an answer and closed.
+    HeldAfterAccepting,
 }
 
 impl FaultKind {
@@ -209,6 +211,7 @@ impl FaultKind {
             FaultKind::Reset => "reset",
             FaultKind::Stalled => "stalled",
             FaultKind::DroppedAfterAccepting => "dropped-after-accepting",
+            FaultKind::HeldAfterAccepting => "held-after-accepting",
         }
     }
 }
@@ -360,6 +363,14 @@ impl StandIn {
     /// connections are served meanwhile.
     pub fn stall_next_requests(&self, count: usize, stall: Duration, path: Option<&str>) {
         lock(&self.shared.faults).arm(faults::Action::Stall(stall), count, path);
+    }
+
+    /// The next `count` requests to `path` (`/api/upload` or `/api/complete`) that succeed
+    /// take effect in full, then their connection is held without an answer for `hold` (or
+    /// until the stand-in stops) and closed. One that fails is answered and does not use up
+    /// the fault.
+    pub fn hold_after_accepting_next(&self, count: usize, hold: Duration, path: &str) {
+        lock(&self.shared.faults).arm(faults::Action::HoldAfterAccepting(hold), count, Some(path));
     }
 
     /// Disarms every fault not yet applied.

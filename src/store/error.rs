@@ -111,6 +111,13 @@ pub enum StoreError {
     #[error("inspection for case {case_id} not started: {why}")]
     InvalidInspection { case_id: String, why: String },
 
+    /// A cloud session that was given up (expired, consumed, or lost with its tokens) is never
+    /// used again; nothing was changed. Retrying does not help: authenticate a new session.
+    #[error(
+        "inspection {id} cannot use cloud session {session}: it was given up earlier and is never used again"
+    )]
+    SessionGivenUp { id: InspectionId, session: String },
+
     /// Any other SQLite failure (an I/O error from the storage device, a bug). The transaction
     /// was rolled back. Retrying may help for I/O errors of a flaky device; check the kernel log.
     #[error("buffer {path} failed: {source}")]
@@ -137,7 +144,8 @@ impl StoreError {
             | StoreError::NotCapturing { .. }
             | StoreError::AngleAlreadyStored { .. }
             | StoreError::AngleNotRequested { .. }
-            | StoreError::InvalidInspection { .. } => false,
+            | StoreError::InvalidInspection { .. }
+            | StoreError::SessionGivenUp { .. } => false,
         }
     }
 }

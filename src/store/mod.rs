@@ -58,7 +58,17 @@
 //! run forward one version at a time, each in its own immediate transaction that also moves
 //! `user_version`, so a crash mid-migration leaves a file at a whole version. A file with a
 //! version newer than this build's is refused with [`StoreError::NewerSchema`] before anything
-//! in it changes. Version 2 will add the upload state (attempts, last error, session key).
+//! in it changes. Version 1 is the capture tables above; version 2 adds the upload state below.
+//!
+//! ## Upload state (schema version 2)
+//!
+//! `inspections` gains `upload_attempts INTEGER` (tries that stopped short of completion),
+//! `upload_error TEXT NULL` (why the last one stopped) and `session TEXT NULL` (the cloud session
+//! the inspection is being sent under). `sent` rows (`inspection_id`, `session`, `angle`, `sha256`,
+//! `at`; unique per inspection, session and angle) say which images that session holds as far as
+//! the kiosk knows. `dead_sessions` (`session` primary key, `inspection_id`, `why`, `at`) lists
+//! sessions given up for good (expired, consumed, or incomplete when their tokens were lost with a
+//! restart): [`Store::open_session`] refuses them. No token is ever stored: see `store/upload.rs`.
 //!
 //! # Inspection states
 //!
@@ -120,6 +130,7 @@ mod disk;
 mod error;
 mod lifecycle;
 mod schema;
+mod upload;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -136,6 +147,7 @@ use crate::vehicle::{CaseId, PhotoLabel, Vehicle};
 pub use caps::Refusal;
 pub use error::StoreError;
 pub use schema::SCHEMA_VERSION;
+pub use upload::UploadState;
 
 use error::sqlite_error;
 

@@ -10,7 +10,7 @@ use super::error::sqlite_error;
 use super::StoreError;
 
 /// The schema version this build writes and understands (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// How long a statement waits for another connection's lock before failing with `Locked`.
 pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -25,10 +25,11 @@ struct Migration {
 }
 
 /// Every step from an empty file to [`SCHEMA_VERSION`], in order. A later version appends a
-/// step here (v2: upload attempts, last error, session key) and never edits an earlier one.
-const MIGRATIONS: &[Migration] = &[Migration {
-    to: 1,
-    sql: "
+/// step here and never edits an earlier one.
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        to: 1,
+        sql: "
         CREATE TABLE inspections (
             id          INTEGER PRIMARY KEY AUTOINCREMENT,
             case_id     TEXT    NOT NULL,
@@ -67,7 +68,32 @@ const MIGRATIONS: &[Migration] = &[Migration {
             UNIQUE (inspection_id, angle)
         ) STRICT;
     ",
-}];
+    },
+    Migration {
+        to: 2,
+        sql: "
+        ALTER TABLE inspections ADD COLUMN upload_attempts INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE inspections ADD COLUMN upload_error    TEXT;
+        ALTER TABLE inspections ADD COLUMN session         TEXT;
+
+        CREATE TABLE sent (
+            inspection_id INTEGER NOT NULL REFERENCES inspections (id) ON DELETE CASCADE,
+            session       TEXT    NOT NULL,
+            angle         TEXT    NOT NULL,
+            sha256        TEXT    NOT NULL,
+            at            INTEGER NOT NULL,
+            UNIQUE (inspection_id, session, angle)
+        ) STRICT;
+
+        CREATE TABLE dead_sessions (
+            session       TEXT    PRIMARY KEY,
+            inspection_id INTEGER NOT NULL REFERENCES inspections (id) ON DELETE CASCADE,
+            why           TEXT    NOT NULL,
+            at            INTEGER NOT NULL
+        ) STRICT;
+    ",
+    },
+];
 
 /// What [`open`] found and did.
 pub(crate) struct Opened {

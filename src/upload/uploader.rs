@@ -1,0 +1,579 @@
+//! The uploader: takes buffered inspections to the cloud, oldest first, one request at a time,
+//! and never blocks capture (it runs on its own thread with its own connection to the buffer).
+//!
+//! Each call of [`Uploader::pump`] does the work that is due now for the oldest inspection
+//! waiting (`captured` or `uploading`) and says when to call again. Per inspection:
+//!
+//! 1. **Clock.** Nothing is signed while the kiosk's clock is known to be wrong: the `Date` of
+//!    the last answer judges it ([`ClockTrust`]); before the first answer, a plain `GET /` asks
+//!    for one. `cloud.require_clock_sync = false` skips the gate (benches without NTP).
+//! 2. **Session.** Tokens live only in memory. With fresh tokens for this inspection, they are
+//!    used. Otherwise, when the buffer names a session (a restart, or tokens that aged out),
+//!    `GET /v1/sessions/{s}` says what it holds: completed → the inspection is done; every
+//!    image there with the right sha256 → only `complete` is left (it is signed, no token
+//!    needed); anything else → the session is given up for good and a new one is opened with
+//!    `/api/authenticate`. The new session's key is committed to the buffer before the first
+//!    image goes.
+//! 3. **Images** not yet in the session go in requests of at most 99 files and
+//!    `cloud.max_request_bytes` bytes, each with an `Idempotency-Key` derived from the session
+//!    and the files' hashes, so a retry of a request whose answer was lost stores nothing twice.
+//!    What the server confirms is committed to the buffer (`sent`).
+//! 4. **Complete**, listing every captured label; `409` → ask the session (a lost answer to an
+//!    earlier complete means it is done). Then the inspection is `completed`; its images stay
+//!    until the retention rule prunes them.
+//!
+//! Answers are sorted by [`classify`](super::policy::classify): `401` on upload, `410`, `409` →
+//! the session is given up and every image goes again under a new one; `429`/`503` → wait
+//! `Retry-After`; network errors and other `5xx` → exponential backoff with full jitter, capped
+//! at 5 minutes; `400`/`413`/`415`/`422` → the inspection is `failed` with the server's reason
+//! and waits for an operator's retry. Every request has the `cloud.request_timeout` deadline.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::client::{Client, Failure, Part, Tokens, PART_OVERHEAD};
+use super::policy::{
+    backoff, batches, ClockTrust, Verdict, BASE_BACKOFF, MAX_BACKOFF, MAX_FILES_PER_REQUEST,
+};
+use crate::clock::Clock;
+use crate::store::{ImageMeta, InspectionId, InspectionState, InspectionSummary, Store, StoreError};
+use crate::vehicle::PhotoLabel;
+
+/// How long the uploader waits before asking the cloud's clock again while the kiosk's is wrong.
+pub const CLOCK_RECHECK: Duration = Duration::from_secs(60);
+/// How long it waits after the cloud refused the account's credentials (a person must act).
+pub const CREDENTIALS_RECHECK: Duration = Duration::from_secs(5 * 60);
+/// Room left in a request for the multipart fields and headers besides the files.
+const REQUEST_HEAD_ROOM: u64 = 4096;
+
+/// What a call of [`Uploader::pump`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pump {
+    /// Nothing is waiting for upload.
+    Idle,
+    /// Work was done; call again at once.
+    Progress,
+    /// Nothing can be done before this long has passed (the reason is the last error).
+    Wait(Duration, String),
+}
+
+/// What the uploader tells the rest of the kiosk (logs, MQTT events, a progress bar).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// An inspection left the queue for the cloud.
+    Started { id: InspectionId, case_id: String },
+    /// A request with these images was confirmed.
+    Sent { id: InspectionId, labels: Vec<PhotoLabel>, bytes: u64 },
+    /// The cloud completed the inspection's session.
+    Uploaded { id: InspectionId, case_id: String, session: String, images: u64, bytes: u64 },
+    /// The cloud refused the inspection for good; it is `failed` with this reason.
+    Failed { id: InspectionId, case_id: String, reason: String },
+    /// The link changed: whether the cloud answers, whether the clock may sign, and why not.
+    Link(Link),
+}
+
+/// The uploader's view of the cloud.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    /// `None` until the first answer (or failure).
+    pub online: Option<bool>,
+    pub clock: ClockTrust,
+    /// Why the last try stopped, if it did.
+    pub last_error: Option<String>,
+}
+
+/// Why delivering one inspection stopped.
+enum Stop {
+    /// Try the same inspection again after this long.
+    Wait(Duration, String),
+    /// The session was given up or the tokens renewed; go round again at once.
+    Again,
+    /// The cloud refused the inspection for good.
+    Refused(String),
+    /// The buffer failed.
+    Store(StoreError),
+}
+
+impl From<StoreError> for Stop {
+    fn from(e: StoreError) -> Stop {
+        Stop::Store(e)
+    }
+}
+
+pub struct Uploader {
+    client: Client,
+    clock: Arc<dyn Clock>,
+    max_request_bytes: u64,
+    require_clock_sync: bool,
+    /// The tokens of the session of the inspection being delivered; never written anywhere.
+    tokens: Option<(InspectionId, Tokens)>,
+    /// Transient failures in a row (the backoff's exponent).
+    failures: u32,
+    /// Sessions given up in a row without a completion (to stop a 401 loop from spinning).
+    renewals: u32,
+    /// No request before this monotonic time.
+    not_before: Duration,
+    link: Link,
+    jitter: Box<dyn FnMut() -> f64 + Send>,
+}
+
+impl std::fmt::Debug for Uploader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Uploader")
+            .field("client", &self.client)
+            .field("tokens", &self.tokens)
+            .field("failures", &self.failures)
+            .field("link", &self.link)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Uploader {
+    pub fn new(client: Client, config: &crate::config::CloudConfig, clock: Arc<dyn Clock>) -> Uploader {
+        Uploader {
+            client,
+            clock,
+            max_request_bytes: config.max_request_bytes,
+            require_clock_sync: config.require_clock_sync,
+            tokens: None,
+            failures: 0,
+            renewals: 0,
+            not_before: Duration::ZERO,
+            link: Link { online: None, clock: ClockTrust::Unknown, last_error: None },
+            jitter: Box::new(fastrand::f64),
+        }
+    }
+
+    /// Replaces the random source of the backoff's jitter (values in `[0, 1)`).
+    pub fn with_jitter(mut self, jitter: impl FnMut() -> f64 + Send + 'static) -> Uploader {
+        self.jitter = Box::new(jitter);
+        self
+    }
+
+    pub fn link(&self) -> &Link {
+        &self.link
+    }
+
+    /// Forgets any wait, so that the next [`pump`](Self::pump) tries at once (an operator's
+    /// retry, a link that came back).
+    pub fn wake(&mut self) {
+        self.not_before = Duration::ZERO;
+    }
+
+    /// Does the upload work due now and says when to call again. Never panics on what the cloud
+    /// or the buffer says; errors become waits or a `failed` inspection with its reason.
+    pub fn pump(&mut self, store: &mut Store, events: &mut dyn FnMut(Event)) -> Pump {
+        let now = self.clock.monotonic();
+        if now < self.not_before {
+            let why = self.link.last_error.clone().unwrap_or_else(|| "waiting".to_owned());
+            return Pump::Wait(self.not_before - now, why);
+        }
+        let next = match store.list() {
+            Ok(all) => all
+                .into_iter()
+                .find(|i| matches!(i.state, InspectionState::Captured | InspectionState::Uploading)),
+            Err(e) => return self.buffer_failed(&e),
+        };
+        let Some(inspection) = next else {
+            self.tokens = None;
+            return Pump::Idle;
+        };
+        match self.deliver(store, &inspection, events) {
+            Ok(()) => {
+                self.failures = 0;
+                self.renewals = 0;
+                self.set_link(Some(true), None, events);
+                Pump::Progress
+            }
+            Err(Stop::Again) => {
+                self.renewals += 1;
+                if self.renewals > 3 {
+                    // The cloud keeps refusing fresh sessions: back off instead of spinning.
+                    let wait = self.next_backoff();
+                    let why = format!(
+                        "case {}: the cloud refused {} sessions in a row",
+                        inspection.case_id, self.renewals
+                    );
+                    self.not_before = self.clock.monotonic() + wait;
+                    return Pump::Wait(wait, why);
+                }
+                Pump::Progress
+            }
+            Err(Stop::Wait(wait, why)) => {
+                log::warn!(
+                    inspection_id = inspection.id.0, case_id = inspection.case_id.as_str(), retry_in_ms = wait.as_millis() as u64;
+                    "Upload paused: {why}"
+                );
+                if let Err(e) = store.record_upload_attempt(inspection.id, Some(&why)) {
+                    log::error!(inspection_id = inspection.id.0; "Could not record the upload attempt: {e}");
+                }
+                self.not_before = self.clock.monotonic() + wait;
+                Pump::Wait(wait, why)
+            }
+            Err(Stop::Refused(reason)) => {
+                self.tokens = None;
+                log::error!(
+                    inspection_id = inspection.id.0, case_id = inspection.case_id.as_str();
+                    "The cloud refused the inspection; it is kept as failed until an operator retries it: {reason}"
+                );
+                let recorded = store.record_upload_attempt(inspection.id, Some(&reason)).and_then(|()| {
+                    store.set_state(inspection.id, InspectionState::Failed, Some(&reason), self.clock.wall())
+                });
+                if let Err(e) = recorded {
+                    return self.buffer_failed(&e);
+                }
+                events(Event::Failed { id: inspection.id, case_id: inspection.case_id.clone(), reason });
+                Pump::Progress
+            }
+            Err(Stop::Store(e)) => self.buffer_failed(&e),
+        }
+    }
+
+    fn buffer_failed(&mut self, e: &StoreError) -> Pump {
+        log::error!("The uploader cannot read or write the buffer: {e}");
+        let wait = self.next_backoff();
+        self.not_before = self.clock.monotonic() + wait;
+        Pump::Wait(wait, format!("buffer: {e}"))
+    }
+
+    fn next_backoff(&mut self) -> Duration {
+        let wait = backoff(self.failures, BASE_BACKOFF, MAX_BACKOFF, (self.jitter)());
+        self.failures = self.failures.saturating_add(1);
+        wait
+    }
+
+    fn set_link(&mut self, online: Option<bool>, error: Option<String>, events: &mut dyn FnMut(Event)) {
+        let link = Link { online, clock: self.client.clock_trust(), last_error: error };
+        if link != self.link {
+            self.link = link.clone();
+            events(Event::Link(link));
+        }
+    }
+
+    fn deliver(
+        &mut self,
+        store: &mut Store,
+        inspection: &InspectionSummary,
+        events: &mut dyn FnMut(Event),
+    ) -> Result<(), Stop> {
+        let id = inspection.id;
+        let case_id = inspection.case_id.as_str();
+        self.check_clock(events)?;
+        if inspection.state == InspectionState::Captured {
+            store.set_state(id, InspectionState::Uploading, None, self.clock.wall())?;
+            log::info!(inspection_id = id.0, case_id = case_id; "Upload started");
+            events(Event::Started { id, case_id: case_id.to_owned() });
+        }
+        let images = store.images(id)?;
+        if images.is_empty() {
+            return Err(Stop::Refused("the inspection holds no image".to_owned()));
+        }
+
+        // The session: fresh tokens in memory, or what a session named in the buffer holds.
+        if self.tokens.as_ref().is_some_and(|(owner, _)| *owner != id) {
+            self.tokens = None;
+        }
+        let now = self.clock.monotonic();
+        if let Some((_, tokens)) = self.tokens.as_ref().filter(|(_, t)| !t.fresh(now)) {
+            log::info!(inspection_id = id.0, session = tokens.session.as_str(); "Tokens about to expire; renewing before they do");
+            let all_sent = self.all_sent(store, id, &tokens.session, &images)?;
+            if !all_sent {
+                store.abandon_session(
+                    id,
+                    "its tokens were about to expire before every image was sent",
+                    self.clock.wall(),
+                )?;
+            }
+            self.tokens = None;
+        }
+        let session = match &self.tokens {
+            Some((_, tokens)) => tokens.session.clone(),
+            None => match store.upload_state(id)?.session {
+                Some(session) => match self.recover(store, inspection, &session, &images, events)? {
+                    Recovered::Done => return Ok(()),
+                    Recovered::CompleteOnly => session,
+                    Recovered::GivenUp => self.open_session(store, inspection)?,
+                },
+                None => self.open_session(store, inspection)?,
+            },
+        };
+
+        // The images the session does not hold yet.
+        let sent = store.sent(id, &session)?;
+        let todo: Vec<&ImageMeta> = images.iter().filter(|m| sent.get(&m.angle) != Some(&m.sha256)).collect();
+        if !todo.is_empty() {
+            let sizes: Vec<u64> = todo.iter().map(|m| m.bytes + PART_OVERHEAD).collect();
+            let limit = self.max_request_bytes.saturating_sub(REQUEST_HEAD_ROOM).max(1);
+            for range in batches(&sizes, MAX_FILES_PER_REQUEST, limit) {
+                self.send_batch(store, inspection, &session, &todo[range], events)?;
+            }
+        }
+
+        // Complete.
+        let labels: Vec<PhotoLabel> = images.iter().map(|m| m.angle).collect();
+        match self.client.complete(&session, case_id, &labels) {
+            Ok(()) => self.completed(store, inspection, &session, &images, events),
+            Err(f) if f.verdict == Verdict::SessionConsumed => {
+                // A complete whose answer was lost consumed it; ask before deciding.
+                match self.client.session(&session) {
+                    Ok(info) if matches!(info.status.as_str(), "PROCESS" | "COMPLETE") => {
+                        self.completed(store, inspection, &session, &images, events)
+                    }
+                    Ok(_) | Err(_) => self.give_up(store, id, &session, &f.detail),
+                }
+            }
+            Err(f) if matches!(f.verdict, Verdict::Permanent(_)) && !f.missing.is_empty() => {
+                // The server lost images it had confirmed: send everything again, fresh.
+                self.give_up(store, id, &session, &f.detail)
+            }
+            Err(f) => Err(self.failure(store, id, &session, f, events)),
+        }
+    }
+
+    fn check_clock(&mut self, events: &mut dyn FnMut(Event)) -> Result<(), Stop> {
+        if !self.require_clock_sync {
+            return Ok(());
+        }
+        if !matches!(self.client.clock_trust(), ClockTrust::Trusted { .. }) {
+            if let Err(f) = self.client.probe_clock() {
+                let wait = self.next_backoff();
+                self.set_link(Some(false), Some(f.detail.clone()), events);
+                return Err(Stop::Wait(wait, f.detail));
+            }
+        }
+        match self.client.clock_trust() {
+            ClockTrust::Untrusted { .. } => {
+                let why = format!(
+                    "clock untrusted: the kiosk's clock is {}",
+                    super::client::describe_trust(self.client.clock_trust())
+                );
+                self.set_link(Some(true), Some(why.clone()), events);
+                Err(Stop::Wait(CLOCK_RECHECK, why))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn all_sent(
+        &self,
+        store: &Store,
+        id: InspectionId,
+        session: &str,
+        images: &[ImageMeta],
+    ) -> Result<bool, Stop> {
+        let sent = store.sent(id, session)?;
+        Ok(images.iter().all(|m| sent.get(&m.angle) == Some(&m.sha256)))
+    }
+
+    /// Finds out what a session named in the buffer (without tokens) holds.
+    fn recover(
+        &mut self,
+        store: &mut Store,
+        inspection: &InspectionSummary,
+        session: &str,
+        images: &[ImageMeta],
+        events: &mut dyn FnMut(Event),
+    ) -> Result<Recovered, Stop> {
+        let id = inspection.id;
+        match self.client.session(session) {
+            Ok(info) if matches!(info.status.as_str(), "PROCESS" | "COMPLETE") => {
+                log::info!(inspection_id = id.0, session = session; "The cloud already completed this session");
+                self.completed(store, inspection, session, images, events)?;
+                Ok(Recovered::Done)
+            }
+            Ok(info) if info.status != "EXPIRED" => {
+                let holds_all = images.iter().all(|m| {
+                    info.photos.iter().any(|p| p.photo_label == m.angle.as_str() && p.sha256 == m.sha256)
+                });
+                if holds_all {
+                    log::info!(inspection_id = id.0, session = session; "The cloud holds every image of this session; completing it");
+                    let pairs: Vec<(PhotoLabel, &str)> =
+                        images.iter().map(|m| (m.angle, m.sha256.as_str())).collect();
+                    store.mark_sent(id, session, &pairs, self.clock.wall())?;
+                    Ok(Recovered::CompleteOnly)
+                } else {
+                    store.abandon_session(
+                        id,
+                        "incomplete, and its tokens were lost (restart or expiry); every image goes again under a new session",
+                        self.clock.wall(),
+                    )?;
+                    Ok(Recovered::GivenUp)
+                }
+            }
+            Ok(_) => {
+                store.abandon_session(id, "the cloud says it expired", self.clock.wall())?;
+                Ok(Recovered::GivenUp)
+            }
+            Err(f)
+                if matches!(
+                    f.verdict,
+                    Verdict::SessionExpired | Verdict::SessionConsumed | Verdict::Permanent(_)
+                ) =>
+            {
+                store.abandon_session(id, &f.detail, self.clock.wall())?;
+                Ok(Recovered::GivenUp)
+            }
+            Err(f) => Err(self.failure(store, id, session, f, events)),
+        }
+    }
+
+    fn open_session(&mut self, store: &mut Store, inspection: &InspectionSummary) -> Result<String, Stop> {
+        let id = inspection.id;
+        let vehicle = store.vehicle_json(id)?;
+        let tokens = match self.client.authenticate(&inspection.case_id, vehicle.as_ref()) {
+            Ok(t) => t,
+            Err(f) => {
+                let mut nothing = |_| {};
+                return Err(self.failure(store, id, "", f, &mut nothing));
+            }
+        };
+        let session = tokens.session.clone();
+        store.open_session(id, &session)?;
+        log::info!(inspection_id = id.0, case_id = inspection.case_id.as_str(), session = session.as_str(); "Cloud session opened");
+        self.tokens = Some((id, tokens));
+        Ok(session)
+    }
+
+    fn send_batch(
+        &mut self,
+        store: &mut Store,
+        inspection: &InspectionSummary,
+        session: &str,
+        batch: &[&ImageMeta],
+        events: &mut dyn FnMut(Event),
+    ) -> Result<(), Stop> {
+        let id = inspection.id;
+        let now = self.clock.monotonic();
+        let Some((_, tokens)) = self.tokens.as_ref().filter(|(owner, t)| *owner == id && t.fresh(now)) else {
+            // No usable token for this session (a recovered one, or tokens that aged out
+            // between requests): the images go again under a new session.
+            store.abandon_session(
+                id,
+                "no fresh token left for the images still to send",
+                self.clock.wall(),
+            )?;
+            self.tokens = None;
+            return Err(Stop::Again);
+        };
+        let mut jpegs = Vec::with_capacity(batch.len());
+        for meta in batch {
+            let jpeg = store.image_jpeg(id, meta.angle)?.ok_or_else(|| {
+                Stop::Refused(format!("image {} vanished from the buffer while being uploaded", meta.angle))
+            })?;
+            jpegs.push(jpeg);
+        }
+        let parts: Vec<Part<'_>> = batch
+            .iter()
+            .zip(&jpegs)
+            .map(|(meta, jpeg)| Part { label: meta.angle, jpeg, sha256: &meta.sha256 })
+            .collect();
+        match self.client.upload(tokens, &inspection.case_id, &parts) {
+            Ok(received) => {
+                let confirmed: Vec<(PhotoLabel, &str)> = batch
+                    .iter()
+                    .filter(|m| received.contains(&m.angle))
+                    .map(|m| (m.angle, m.sha256.as_str()))
+                    .collect();
+                store.mark_sent(id, session, &confirmed, self.clock.wall())?;
+                let bytes = batch.iter().filter(|m| received.contains(&m.angle)).map(|m| m.bytes).sum();
+                events(Event::Sent { id, labels: confirmed.iter().map(|(l, _)| *l).collect(), bytes });
+                if confirmed.len() < batch.len() {
+                    let wait = self.next_backoff();
+                    return Err(Stop::Wait(
+                        wait,
+                        format!("upload to session {session}: the cloud did not confirm every file"),
+                    ));
+                }
+                Ok(())
+            }
+            Err(f) => Err(self.failure(store, id, session, f, events)),
+        }
+    }
+
+    fn completed(
+        &mut self,
+        store: &mut Store,
+        inspection: &InspectionSummary,
+        session: &str,
+        images: &[ImageMeta],
+        events: &mut dyn FnMut(Event),
+    ) -> Result<(), Stop> {
+        store.set_state(inspection.id, InspectionState::Completed, None, self.clock.wall())?;
+        store.set_upload_error(inspection.id, None)?;
+        self.tokens = None;
+        let bytes = images.iter().map(|m| m.bytes).sum();
+        log::info!(
+            inspection_id = inspection.id.0, case_id = inspection.case_id.as_str(), session = session, images = images.len() as u64, bytes = bytes;
+            "Inspection completed at the cloud"
+        );
+        events(Event::Uploaded {
+            id: inspection.id,
+            case_id: inspection.case_id.clone(),
+            session: session.to_owned(),
+            images: images.len() as u64,
+            bytes,
+        });
+        Ok(())
+    }
+
+    fn give_up(&mut self, store: &mut Store, id: InspectionId, session: &str, why: &str) -> Result<(), Stop> {
+        log::warn!(inspection_id = id.0, session = session; "Cloud session given up; every image goes again under a new one: {why}");
+        store.abandon_session(id, why, self.clock.wall())?;
+        self.tokens = None;
+        Err(Stop::Again)
+    }
+
+    /// Turns a failed call into what happens next.
+    fn failure(
+        &mut self,
+        store: &mut Store,
+        id: InspectionId,
+        session: &str,
+        f: Failure,
+        events: &mut dyn FnMut(Event),
+    ) -> Stop {
+        match f.verdict {
+            Verdict::Done => Stop::Again,
+            Verdict::Reauthenticate | Verdict::SessionExpired | Verdict::SessionConsumed => {
+                if session.is_empty() {
+                    self.tokens = None;
+                    return Stop::Again;
+                }
+                match self.give_up(store, id, session, &f.detail) {
+                    Err(stop) => stop,
+                    Ok(()) => Stop::Again,
+                }
+            }
+            Verdict::RetryAfter(wait) => {
+                self.failures = self.failures.saturating_add(1);
+                self.set_link(Some(true), Some(f.detail.clone()), events);
+                Stop::Wait(wait, f.detail)
+            }
+            Verdict::Backoff => {
+                let wait = self.next_backoff();
+                self.set_link(Some(false), Some(f.detail.clone()), events);
+                Stop::Wait(wait, f.detail)
+            }
+            Verdict::ClockRejected => {
+                let why = format!("clock untrusted: {}", f.detail);
+                self.set_link(Some(true), Some(why.clone()), events);
+                Stop::Wait(CLOCK_RECHECK, why)
+            }
+            Verdict::BadCredentials(_) => {
+                let why = format!("{}: check cloud.username, cloud.api_key and the API secret", f.detail);
+                self.set_link(Some(true), Some(why.clone()), events);
+                Stop::Wait(CREDENTIALS_RECHECK, why)
+            }
+            Verdict::Permanent(_) => Stop::Refused(f.detail),
+        }
+    }
+}
+
+enum Recovered {
+    /// The cloud had already completed it.
+    Done,
+    /// The session holds every image: only `complete` is left.
+    CompleteOnly,
+    /// The session was given up; open a new one.
+    GivenUp,
+}
