@@ -520,7 +520,11 @@ fn run_demo(frame: &str, state_dir: Option<PathBuf>) -> anyhow::Result<u8> {
         }
     };
     let report = demo::run(&DemoOptions { width, height, state_dir }, &mut |line| println!("{line}"))?;
-    Ok(if report.outcome.failed.is_empty() { EXIT_OK } else { EXIT_PARTIAL })
+    Ok(match (&report.upload, report.outcome.failed.is_empty()) {
+        (Err(_), _) => EXIT_BUFFERED,
+        (Ok(_), true) => EXIT_OK,
+        (Ok(_), false) => EXIT_PARTIAL,
+    })
 }
 
 /// A bar per angle on a terminal; one plain line per event otherwise.

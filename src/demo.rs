@@ -1,6 +1,8 @@
 //! `capture-kiosk demo`: a simulated drive-through with no setup. Eight synthetic 12 MP
 //! cameras, one per exterior angle, a temporary state directory, and the real pipeline:
-//! capture, validate, resize, commit to the SQLite buffer. Ends with a short report.
+//! capture, validate, resize, commit to the SQLite buffer, then the upload leg against the
+//! stand-in of the cloud API started in-process on 127.0.0.1, all the way to a completed
+//! session. Ends with a short report.
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -11,10 +13,12 @@ use anyhow::Context;
 
 use crate::capture::{Camera, SyntheticCamera};
 use crate::clock::SystemClock;
-use crate::config::ByteSize;
+use crate::config::{ByteSize, CloudConfig};
 use crate::imaging::ResizeSpec;
 use crate::inspection::{self, Outcome, Progress, Request, Rig, Settings};
+use crate::standin::{StandIn, StandInConfig};
 use crate::store::{Caps, Store};
+use crate::upload::Event;
 use crate::vehicle::{CaseId, PhotoLabel, Vehicle, Vin};
 
 /// What the demo runs on.
@@ -37,6 +41,8 @@ impl Default for DemoOptions {
 #[derive(Debug, Clone)]
 pub struct DemoReport {
     pub outcome: Outcome,
+    /// The upload leg: what reached the stand-in, or why not.
+    pub upload: Result<UploadReport, String>,
     pub cameras: usize,
     pub warm_up_seconds: f64,
     pub state_dir: PathBuf,
@@ -137,8 +143,102 @@ pub fn run(options: &DemoOptions, say: &mut dyn FnMut(&str)) -> anyhow::Result<D
         outcome.trigger_to_durable.as_secs_f64(),
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     ));
+    drop(store);
+    let upload = upload_leg(&state_dir, caps, say);
     if options.state_dir.is_none() {
         say("the temporary buffer is removed now; pass --state-dir DIR to keep it");
     }
-    Ok(DemoReport { outcome, cameras: count, warm_up_seconds, state_dir })
+    Ok(DemoReport { outcome, upload, cameras: count, warm_up_seconds, state_dir })
+}
+
+/// What the upload leg of the demo did.
+#[derive(Debug, Clone)]
+pub struct UploadReport {
+    pub session: String,
+    pub images: u64,
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
+/// Starts the stand-in, uploads what the buffer holds and completes the session.
+fn upload_leg(
+    state_dir: &std::path::Path,
+    caps: Caps,
+    say: &mut dyn FnMut(&str),
+) -> Result<UploadReport, String> {
+    use std::sync::Arc;
+    let mut run = || -> anyhow::Result<UploadReport> {
+        let clock: Arc<dyn crate::clock::Clock> = Arc::new(SystemClock::new());
+        let account = StandInConfig::default();
+        let standin = StandIn::start(account.clone(), clock.clone()).context("the stand-in cannot listen")?;
+        let secret = state_dir.join("demo-api-secret");
+        write_owner_only(&secret, account.api_secret.as_bytes())?;
+        let cloud = CloudConfig {
+            base_url: standin.base_url(),
+            username: account.username.clone(),
+            api_key: account.api_key.clone(),
+            client_id: "DEMO-BAY".to_owned(),
+            api_secret_file: Some(secret),
+            max_request_bytes: 32 << 20,
+            request_timeout: std::time::Duration::from_secs(30),
+            require_clock_sync: true,
+        };
+        say(&format!("upload: the stand-in cloud API listens on {}", standin.base_url()));
+        let mut store = Store::open(state_dir, caps, std::time::SystemTime::now())?;
+        let mut uploader = crate::upload::drain::uploader(&cloud, clock)?;
+        let started = Instant::now();
+        let mut session = None;
+        let drained = crate::upload::drain::drain(
+            &mut uploader,
+            &mut store,
+            std::time::Duration::from_secs(30),
+            &mut std::thread::sleep,
+            &mut |e| match e {
+                Event::Sent { labels, bytes, .. } => {
+                    say(&format!("  sent {} image(s), {}", labels.len(), ByteSize(*bytes)))
+                }
+                Event::Uploaded { session: s, .. } => session = Some(s.clone()),
+                _ => {}
+            },
+        );
+        let seconds = started.elapsed().as_secs_f64();
+        let session = match (session, drained.stopped) {
+            (Some(s), _) => s,
+            (None, why) => anyhow::bail!("{}", why.unwrap_or_else(|| "nothing was completed".to_owned())),
+        };
+        let record = standin.session(&session).context("the stand-in forgot the session")?;
+        standin.stop();
+        Ok(UploadReport { session, images: record.photos.len() as u64, bytes: drained.bytes_sent, seconds })
+    };
+    match run() {
+        Ok(report) => {
+            say(&format!(
+                "session {} completed at the stand-in: {} image(s), {} sent in {:.3} s ({:.1} MB/s over loopback)",
+                report.session,
+                report.images,
+                ByteSize(report.bytes),
+                report.seconds,
+                report.bytes as f64 / 1e6 / report.seconds.max(1e-9)
+            ));
+            Ok(report)
+        }
+        Err(e) => {
+            say(&format!("upload leg failed: {e:#}; the images stay in the buffer"));
+            Err(format!("{e:#}"))
+        }
+    }
+}
+
+fn write_owner_only(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(bytes)?;
+    Ok(())
 }

@@ -139,6 +139,7 @@ fn the_demo_runs_on_embedded_defaults() {
     assert!(out.status.success(), "{shown}");
     assert!(shown.contains("8 of 8 angles durable"), "{shown}");
     assert!(shown.contains("trigger to all frames durable"), "{shown}");
+    assert!(shown.contains("completed at the stand-in: 8 image(s)"), "{shown}");
 }
 
 #[test]

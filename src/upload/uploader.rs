@@ -335,6 +335,9 @@ impl Uploader {
             return Ok(());
         }
         if !matches!(self.client.clock_trust(), ClockTrust::Trusted { .. }) {
+            if super::client::kernel_clock_synchronised() == Some(false) {
+                log::warn!("The kernel marks its clock unsynchronised (is NTP running?); asking the cloud's clock before signing");
+            }
             if let Err(f) = self.client.probe_clock() {
                 let wait = self.next_backoff();
                 self.set_link(Some(false), Some(f.detail.clone()), events);
