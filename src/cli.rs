@@ -635,6 +635,9 @@ impl UploadDisplay {
                 ByteSize(*bytes)
             ),
             Event::Failed { id, case_id, reason } => format!("inspection {id} ({case_id}): FAILED: {reason}"),
+            Event::SessionGivenUp { id, session, why, .. } => {
+                format!("inspection {id}: session {session} given up ({why}); every image goes again")
+            }
             Event::Link(link) => match &link.last_error {
                 Some(e) => format!("waiting: {e}"),
                 None => "cloud reachable".to_owned(),

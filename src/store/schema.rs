@@ -227,4 +227,32 @@ mod tests {
         let again = open(&path, true).unwrap();
         assert_eq!(again.migrated_from, None, "nothing to migrate the second time");
     }
+
+    #[test]
+    fn a_version_1_buffer_is_migrated_with_its_rows_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.sqlite3");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0].sql).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            conn.execute(
+                "INSERT INTO inspections (case_id, angles, state, created_at, updated_at)
+                 VALUES ('CASE-OLD', '[\"Front\"]', 'captured', 1, 1)",
+                [],
+            )
+            .unwrap();
+        }
+        let opened = open(&path, true).unwrap();
+        assert_eq!(opened.migrated_from, Some(1));
+        let (case, attempts, session): (String, i64, Option<String>) = opened
+            .connection
+            .query_row("SELECT case_id, upload_attempts, session FROM inspections", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .unwrap();
+        assert_eq!((case.as_str(), attempts, session), ("CASE-OLD", 0, None));
+        let sent: i64 = opened.connection.query_row("SELECT COUNT(*) FROM sent", [], |r| r.get(0)).unwrap();
+        assert_eq!(sent, 0);
+    }
 }

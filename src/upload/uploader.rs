@@ -62,6 +62,9 @@ pub enum Pump {
 pub enum Event {
     /// An inspection left the queue for the cloud.
     Started { id: InspectionId, case_id: String },
+    /// A session was given up (expired, refused, consumed, or incomplete when its tokens were
+    /// lost); every image of the inspection goes again under a new one.
+    SessionGivenUp { id: InspectionId, case_id: String, session: String, why: String },
     /// A request with these images was confirmed.
     Sent { id: InspectionId, labels: Vec<PhotoLabel>, bytes: u64 },
     /// The cloud completed the inspection's session.
@@ -115,6 +118,8 @@ pub struct Uploader {
     not_before: Duration,
     link: Link,
     jitter: Box<dyn FnMut() -> f64 + Send>,
+    /// Sessions given up during the current pump, announced at its end.
+    given_up: Vec<(InspectionId, String, String)>,
 }
 
 impl std::fmt::Debug for Uploader {
@@ -141,6 +146,7 @@ impl Uploader {
             not_before: Duration::ZERO,
             link: Link { online: None, clock: ClockTrust::Unknown, last_error: None },
             jitter: Box::new(fastrand::f64),
+            given_up: Vec::new(),
         }
     }
 
@@ -178,7 +184,11 @@ impl Uploader {
             self.tokens = None;
             return Pump::Idle;
         };
-        match self.deliver(store, &inspection, events) {
+        let outcome = self.deliver(store, &inspection, events);
+        for (id, session, why) in std::mem::take(&mut self.given_up) {
+            events(Event::SessionGivenUp { id, case_id: inspection.case_id.clone(), session, why });
+        }
+        match outcome {
             Ok(()) => {
                 self.failures = 0;
                 self.renewals = 0;
@@ -278,11 +288,7 @@ impl Uploader {
             log::info!(inspection_id = id.0, session = tokens.session.as_str(); "Tokens about to expire; renewing before they do");
             let all_sent = self.all_sent(store, id, &tokens.session, &images)?;
             if !all_sent {
-                store.abandon_session(
-                    id,
-                    "its tokens were about to expire before every image was sent",
-                    self.clock.wall(),
-                )?;
+                self.abandon(store, id, "its tokens were about to expire before every image was sent")?;
             }
             self.tokens = None;
         }
@@ -395,16 +401,12 @@ impl Uploader {
                     store.mark_sent(id, session, &pairs, self.clock.wall())?;
                     Ok(Recovered::CompleteOnly)
                 } else {
-                    store.abandon_session(
-                        id,
-                        "incomplete, and its tokens were lost (restart or expiry); every image goes again under a new session",
-                        self.clock.wall(),
-                    )?;
+                    self.abandon(store, id, "incomplete, and its tokens were lost (restart or expiry); every image goes again under a new session")?;
                     Ok(Recovered::GivenUp)
                 }
             }
             Ok(_) => {
-                store.abandon_session(id, "the cloud says it expired", self.clock.wall())?;
+                self.abandon(store, id, "the cloud says it expired")?;
                 Ok(Recovered::GivenUp)
             }
             Err(f)
@@ -413,7 +415,7 @@ impl Uploader {
                     Verdict::SessionExpired | Verdict::SessionConsumed | Verdict::Permanent(_)
                 ) =>
             {
-                store.abandon_session(id, &f.detail, self.clock.wall())?;
+                self.abandon(store, id, &f.detail)?;
                 Ok(Recovered::GivenUp)
             }
             Err(f) => Err(self.failure(store, id, session, f, events)),
@@ -450,11 +452,7 @@ impl Uploader {
         let Some((_, tokens)) = self.tokens.as_ref().filter(|(owner, t)| *owner == id && t.fresh(now)) else {
             // No usable token for this session (a recovered one, or tokens that aged out
             // between requests): the images go again under a new session.
-            store.abandon_session(
-                id,
-                "no fresh token left for the images still to send",
-                self.clock.wall(),
-            )?;
+            self.abandon(store, id, "no fresh token left for the images still to send")?;
             self.tokens = None;
             return Err(Stop::Again);
         };
@@ -519,9 +517,17 @@ impl Uploader {
         Ok(())
     }
 
+    /// Gives up the inspection's open session for good and remembers to say so.
+    fn abandon(&mut self, store: &mut Store, id: InspectionId, why: &str) -> Result<(), StoreError> {
+        if let Some(session) = store.upload_state(id)?.session {
+            self.given_up.push((id, session, why.to_owned()));
+        }
+        store.abandon_session(id, why, self.clock.wall())
+    }
+
     fn give_up(&mut self, store: &mut Store, id: InspectionId, session: &str, why: &str) -> Result<(), Stop> {
         log::warn!(inspection_id = id.0, session = session; "Cloud session given up; every image goes again under a new one: {why}");
-        store.abandon_session(id, why, self.clock.wall())?;
+        self.abandon(store, id, why)?;
         self.tokens = None;
         Err(Stop::Again)
     }
