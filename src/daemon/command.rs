@@ -271,7 +271,7 @@ mod tests {
             Some("a"),
             "start",
         );
-        check_refused("start", r#"{"command_id":"a","case_id":"C1","angles":["Roof"]}"#, Some("a"), "angles");
+        check_refused("start", r#"{"command_id":"a","case_id":"C1","angles":["Underside"]}"#, Some("a"), "angles");
         check_refused("retry", r#"{"command_id":"a"}"#, Some("a"), "inspection_id");
         check_refused("reboot", r#"{"command_id":"a"}"#, Some("a"), "unknown command");
         check_refused("ping", r#"{"command_id":"a","expires_at":"2020-01-01T00:00:00Z"}"#, Some("a"), "expired");
