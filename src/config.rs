@@ -746,14 +746,22 @@ impl RawMqtt {
             ));
         }
         if !tls && self.ca_file.is_some() {
-            return Err(invalid("mqtt.ca_file", "is only used with mqtts://", "remove it or use an mqtts:// URL"));
+            return Err(invalid(
+                "mqtt.ca_file",
+                "is only used with mqtts://",
+                "remove it or use an mqtts:// URL",
+            ));
         }
         if self.password_file.is_some() && self.username.is_none() {
             return Err(invalid("mqtt.password_file", "is set without a username", "set mqtt.username too"));
         }
         let heartbeat = duration("mqtt.heartbeat", &self.heartbeat)?;
         if heartbeat < Duration::from_secs(1) || heartbeat > Duration::from_secs(3600) {
-            return Err(invalid("mqtt.heartbeat", format!("{:?} is out of range", self.heartbeat), "use 1s to 1h"));
+            return Err(invalid(
+                "mqtt.heartbeat",
+                format!("{:?} is out of range", self.heartbeat),
+                "use 1s to 1h",
+            ));
         }
         Ok(MqttConfig {
             tls,
@@ -822,21 +830,35 @@ angles = ["Rear", "Rear_Left", "Rear_Right", "VIN"]
     fn the_mqtt_section_is_checked() {
         let with = |section: &str| format!("{GOOD}\n[mqtt]\n{section}\n");
         let m = parse(&with("url = \"mqtt://broker.local\""), "t").unwrap().mqtt.unwrap();
-        assert_eq!((m.host.as_str(), m.port, m.tls, m.topic_prefix.as_str()), ("broker.local", 1883, false, "capture-kiosk"));
+        assert_eq!(
+            (m.host.as_str(), m.port, m.tls, m.topic_prefix.as_str()),
+            ("broker.local", 1883, false, "capture-kiosk")
+        );
         assert_eq!(m.heartbeat, Duration::from_secs(30));
         let m = parse(&with("url = \"mqtts://10.0.0.2:8884/\"\nca_file = \"/etc/ca.pem\"\nusername = \"bay\"\npassword_file = \"/etc/pw\"\ntopic_prefix = \"acme/kiosks\""), "t")
             .unwrap()
             .mqtt
             .unwrap();
-        assert_eq!((m.host.as_str(), m.port, m.tls, m.topic_prefix.as_str()), ("10.0.0.2", 8884, true, "acme/kiosks"));
+        assert_eq!(
+            (m.host.as_str(), m.port, m.tls, m.topic_prefix.as_str()),
+            ("10.0.0.2", 8884, true, "acme/kiosks")
+        );
         assert!(parse(GOOD, "t").unwrap().mqtt.is_none());
         check_refused(&with("url = \"http://broker\""), Some("mqtt.url"), &["mqtt://"]);
         check_refused(&with("url = \"mqtt://u:secret@broker\""), Some("mqtt.url"), &["credentials"]);
         check_refused(&with("url = \"mqtt://broker:99999\""), Some("mqtt.url"), &["port"]);
         check_refused(&with("url = \"mqtt://\""), Some("mqtt.url"), &["no host"]);
         check_refused(&with("url = \"mqtts://broker\""), Some("mqtt.ca_file"), &["CA"]);
-        check_refused(&with("url = \"mqtt://b\"\ntopic_prefix = \"a/#\""), Some("mqtt.topic_prefix"), &["+, #"]);
-        check_refused(&with("url = \"mqtt://b\"\npassword_file = \"/p\""), Some("mqtt.password_file"), &["username"]);
+        check_refused(
+            &with("url = \"mqtt://b\"\ntopic_prefix = \"a/#\""),
+            Some("mqtt.topic_prefix"),
+            &["+, #"],
+        );
+        check_refused(
+            &with("url = \"mqtt://b\"\npassword_file = \"/p\""),
+            Some("mqtt.password_file"),
+            &["username"],
+        );
         check_refused(&with("url = \"mqtt://b\"\nheartbeat = \"0s\""), Some("mqtt.heartbeat"), &["1s to 1h"]);
         check_refused(&with("url = \"mqtt://b\"\nqos = 2"), None, &["qos"]);
         let shown = parse(&with("url = \"mqtt://u:hunter2@b\""), "t").unwrap_err().to_string();

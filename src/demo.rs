@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use crate::capture::{Camera, SyntheticCamera};
+use crate::clock::rfc3339_seconds;
 use crate::clock::SystemClock;
 use crate::config::ByteSize;
-use crate::clock::rfc3339_seconds;
 use crate::imaging::ResizeSpec;
-use crate::mqtt::Link;
 use crate::inspection::{self, Outcome, Progress, Request, Rig, Settings};
+use crate::mqtt::Link;
 use crate::store::{Caps, Store};
 use crate::vehicle::{CaseId, PhotoLabel, Vehicle, Vin};
 
@@ -106,9 +106,14 @@ pub fn run(options: &DemoOptions, say: &mut dyn FnMut(&str)) -> anyhow::Result<D
                 std::thread::sleep(Duration::from_millis(20));
             }
             if link.is_connected() {
-                say(&format!("publishing to {url} under {}/{DEMO_BAY}/ (status, state, events)", config.topic_prefix));
+                say(&format!(
+                    "publishing to {url} under {}/{DEMO_BAY}/ (status, state, events)",
+                    config.topic_prefix
+                ));
             } else {
-                say(&format!("broker {url} did not answer within 3 s; the demo goes on and publishes once it does"));
+                say(&format!(
+                    "broker {url} did not answer within 3 s; the demo goes on and publishes once it does"
+                ));
             }
             Some(DemoStatus { link, seq: 0, done: 0, angles: angles.len() })
         }
@@ -124,12 +129,11 @@ pub fn run(options: &DemoOptions, say: &mut dyn FnMut(&str)) -> anyhow::Result<D
         angles: angles.clone(),
     };
     let cancel = AtomicBool::new(false);
-    let outcome =
-        inspection::run(&mut rig, &store, &request, &settings, &clock, &cancel, &mut |p| {
-            if let Some(b) = &mut broker {
-                b.progress(p, request.case_id.as_str());
-            }
-            match p {
+    let outcome = inspection::run(&mut rig, &store, &request, &settings, &clock, &cancel, &mut |p| {
+        if let Some(b) = &mut broker {
+            b.progress(p, request.case_id.as_str());
+        }
+        match p {
             Progress::Captured { angle, camera, source_bytes, bytes, width, height } => say(&format!(
                 "  {:<12} {camera:<16} {} -> {width}x{height} {}",
                 angle.as_str(),
@@ -143,7 +147,8 @@ pub fn run(options: &DemoOptions, say: &mut dyn FnMut(&str)) -> anyhow::Result<D
                 say(&format!("  {:<12} attempt {attempt}: {reason}", angle.as_str()))
             }
             Progress::Started { .. } => {}
-        }})?;
+        }
+    })?;
     if let Some(mut b) = broker {
         b.event(serde_json::json!({"type": "inspection_captured", "inspection_id": outcome.inspection_id,
             "case_id": request.case_id.as_str(), "state": outcome.state.as_str(), "images": outcome.captured.len()}));

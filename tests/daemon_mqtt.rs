@@ -86,7 +86,8 @@ struct Watcher {
 
 impl Watcher {
     fn connect(broker: &Broker) -> Watcher {
-        let mut options = MqttOptions::new(format!("watcher-{}", fastrand::u32(..)), "127.0.0.1", broker.port);
+        let mut options =
+            MqttOptions::new(format!("watcher-{}", fastrand::u32(..)), "127.0.0.1", broker.port);
         options.set_keep_alive(Duration::from_secs(5));
         let (client, mut connection) = Client::new(options, 64);
         client.subscribe(format!("{ROOT}/#"), QoS::AtLeastOnce).unwrap();
@@ -136,13 +137,20 @@ impl Watcher {
 
     /// Sends command `name` and returns its ack.
     fn command(&mut self, name: &str, payload: &str) -> Value {
-        self.client.publish(format!("{ROOT}/cmd/{name}"), QoS::AtLeastOnce, false, payload.as_bytes()).unwrap();
+        self.client
+            .publish(format!("{ROOT}/cmd/{name}"), QoS::AtLeastOnce, false, payload.as_bytes())
+            .unwrap();
         let id = serde_json::from_str::<Value>(payload).ok().map(|v| v["command_id"].clone());
         self.wait_json(&format!("cmd/{name}/ack"), |v| id.as_ref().is_none_or(|id| &v["command_id"] == id))
     }
 
     fn summary(&self) -> Vec<String> {
-        self.seen.iter().map(|(t, p, r)| format!("{t} {} {}", String::from_utf8_lossy(p), if *r { "(retained)" } else { "" })).collect()
+        self.seen
+            .iter()
+            .map(|(t, p, r)| {
+                format!("{t} {} {}", String::from_utf8_lossy(p), if *r { "(retained)" } else { "" })
+            })
+            .collect()
     }
 }
 
@@ -226,8 +234,14 @@ fn status_state_events_and_every_command_answered() {
     rejected(&w.command("ping", r#"{"command_id":"p-2","expires_at":"2020-01-01T00:00:00Z"}"#), "expired");
     rejected(&w.command("ping", r#"{"command_id":"p-3","colour":"red"}"#), "unknown field");
     rejected(&w.command("start", r#"{"command_id":"s-0","case_id":"../../etc/passwd"}"#), "case_id");
-    rejected(&w.command("start", r#"{"command_id":"s-0b","case_id":"C-1","vehicle":{"vin":"NOPE"}}"#), "start");
-    rejected(&w.command("start", r#"{"command_id":"s-0c","case_id":"C-1","angles":["Roof"]}"#), "not shot by any camera");
+    rejected(
+        &w.command("start", r#"{"command_id":"s-0b","case_id":"C-1","vehicle":{"vin":"NOPE"}}"#),
+        "start",
+    );
+    rejected(
+        &w.command("start", r#"{"command_id":"s-0c","case_id":"C-1","angles":["Roof"]}"#),
+        "not shot by any camera",
+    );
     rejected(&w.command("cancel", r#"{"command_id":"c-0"}"#), "no capture is running");
     rejected(&w.command("retry", r#"{"command_id":"r-0","inspection_id":99}"#), "no inspection 99");
     rejected(&w.command("reboot", r#"{"command_id":"x-0"}"#), "unknown command");
@@ -237,20 +251,32 @@ fn status_state_events_and_every_command_answered() {
 
     // Two starts in a row: the first captures, the second is refused while it runs.
     w.client
-        .publish(format!("{ROOT}/cmd/start"), QoS::AtLeastOnce, false, &br#"{"command_id":"s-1","case_id":"CASE-12345","vehicle":{"vin":"JN1CV6AR9BM123456"}}"#[..])
+        .publish(
+            format!("{ROOT}/cmd/start"),
+            QoS::AtLeastOnce,
+            false,
+            &br#"{"command_id":"s-1","case_id":"CASE-12345","vehicle":{"vin":"JN1CV6AR9BM123456"}}"#[..],
+        )
         .unwrap();
     rejected(&w.command("start", r#"{"command_id":"s-2","case_id":"CASE-2"}"#), "a capture is running");
     let ack = w.wait_json("cmd/start/ack", |v| v["command_id"] == "s-1");
     assert_eq!(ack["status"], "accepted");
     let id = ack["inspection_id"].as_i64().unwrap();
     let started = w.event("inspection_started");
-    assert_eq!((started["inspection_id"].as_i64(), started["case_id"].as_str()), (Some(id), Some("CASE-12345")));
+    assert_eq!(
+        (started["inspection_id"].as_i64(), started["case_id"].as_str()),
+        (Some(id), Some("CASE-12345"))
+    );
     w.wait_json("state", |v| v["stage"] == "capturing" && v["inspection"]["case_id"] == "CASE-12345");
     let captured = w.event("inspection_captured");
     assert_eq!(captured["inspection_id"].as_i64(), Some(id));
     assert_eq!(captured["images"], 4);
     assert_eq!(captured["state"], "captured");
-    let angle_events = w.seen.iter().filter(|(t, p, _)| t.ends_with("/events") && String::from_utf8_lossy(p).contains("angle_captured")).count();
+    let angle_events = w
+        .seen
+        .iter()
+        .filter(|(t, p, _)| t.ends_with("/events") && String::from_utf8_lossy(p).contains("angle_captured"))
+        .count();
     assert_eq!(angle_events, 4, "{:#?}", w.summary());
     let after = w.wait_json("state", |v| v["stage"] == "idle" && v["buffer"]["inspections"] == 1);
     assert_eq!(after["buffer"]["images"], 4);
@@ -258,13 +284,21 @@ fn status_state_events_and_every_command_answered() {
 
     // A repeated start is answered with its first outcome and captures nothing more.
     assert_eq!(w.command("start", r#"{"command_id":"s-1","case_id":"CASE-12345"}"#), ack);
-    rejected(&w.command("retry", &json!({"command_id": "r-1", "inspection_id": id}).to_string()), "only a failed");
+    rejected(
+        &w.command("retry", &json!({"command_id": "r-1", "inspection_id": id}).to_string()),
+        "only a failed",
+    );
 
     // SIGTERM: a clean stop says offline itself.
     stop(daemon);
     w.wait("status", |p, _| p == b"offline");
     Watcher::connect(&broker).wait("status", |p, retained| p == b"offline" && retained);
-    let store = Store::open(state.path(), Caps { max_bytes: 1 << 30, min_free_disk: 0 }, std::time::SystemTime::now()).unwrap();
+    let store = Store::open(
+        state.path(),
+        Caps { max_bytes: 1 << 30, min_free_disk: 0 },
+        std::time::SystemTime::now(),
+    )
+    .unwrap();
     assert_eq!(store.list().unwrap().len(), 1, "the repeated start captured nothing");
 }
 
@@ -316,7 +350,12 @@ fn an_inspection_survives_the_broker_going_away_and_status_resumes() {
     let mut w = Watcher::connect(&broker);
     w.wait("status", |p, _| p == b"online");
     w.client
-        .publish(format!("{ROOT}/cmd/start"), QoS::AtLeastOnce, false, &br#"{"command_id":"s-1","case_id":"CASE-7"}"#[..])
+        .publish(
+            format!("{ROOT}/cmd/start"),
+            QoS::AtLeastOnce,
+            false,
+            &br#"{"command_id":"s-1","case_id":"CASE-7"}"#[..],
+        )
         .unwrap();
     let started = w.event("inspection_started");
     let id = started["inspection_id"].as_i64().unwrap();
@@ -328,14 +367,21 @@ fn an_inspection_survives_the_broker_going_away_and_status_resumes() {
     // The kiosk comes back by itself, says online again and publishes the current state.
     let mut w = Watcher::connect(&broker);
     w.wait("status", |p, _| p == b"online");
-    w.wait_json("state", |v| v["stage"] == "idle" && v["buffer"]["inspections"] == 1 && v["buffer"]["images"] == 4);
+    w.wait_json("state", |v| {
+        v["stage"] == "idle" && v["buffer"]["inspections"] == 1 && v["buffer"]["images"] == 4
+    });
     assert_eq!(w.command("ping", r#"{"command_id":"back"}"#)["status"], "succeeded");
     let ack = w.command("start", r#"{"command_id":"s-2","case_id":"CASE-8","angles":["Front"]}"#);
     assert_eq!(ack["status"], "accepted", "{ack}");
     w.event("inspection_captured");
     stop(daemon);
 
-    let store = Store::open(state.path(), Caps { max_bytes: 1 << 30, min_free_disk: 0 }, std::time::SystemTime::now()).unwrap();
+    let store = Store::open(
+        state.path(),
+        Caps { max_bytes: 1 << 30, min_free_disk: 0 },
+        std::time::SystemTime::now(),
+    )
+    .unwrap();
     let first = store.inspection(capture_kiosk::store::InspectionId(id)).unwrap().unwrap();
     assert_eq!(first.state, InspectionState::Captured);
     assert_eq!(first.images, 4);

@@ -25,7 +25,7 @@ pub struct Command {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    Start { case_id: CaseId, vehicle: Option<Vehicle>, angles: Option<Vec<PhotoLabel>> },
+    Start { case_id: CaseId, vehicle: Option<Box<Vehicle>>, angles: Option<Vec<PhotoLabel>> },
     Cancel { inspection_id: Option<InspectionId> },
     Retry { inspection_id: InspectionId },
     Ping,
@@ -83,7 +83,10 @@ impl Ack {
 pub fn parse(name: &str, payload: &[u8], now: SystemTime) -> Result<Command, Refused> {
     let refuse = |id: Option<&str>, reason: String| Refused { command_id: id.map(str::to_owned), reason };
     if payload.len() > MAX_COMMAND_BYTES {
-        return Err(refuse(None, format!("the command is over {MAX_COMMAND_BYTES} bytes; send a smaller one")));
+        return Err(refuse(
+            None,
+            format!("the command is over {MAX_COMMAND_BYTES} bytes; send a smaller one"),
+        ));
     }
     let value: serde_json::Value = serde_json::from_slice(payload)
         .map_err(|e| refuse(None, format!("the payload is not JSON ({e}); send a JSON object")))?;
@@ -104,10 +107,18 @@ pub fn parse(name: &str, payload: &[u8], now: SystemTime) -> Result<Command, Ref
     let some = Some(id);
     if let Some(expires) = object.get("expires_at") {
         let Some(text) = expires.as_str() else {
-            return Err(refuse(some, "expires_at must be an RFC 3339 string such as 2026-11-21T10:00:03Z".into()));
+            return Err(refuse(
+                some,
+                "expires_at must be an RFC 3339 string such as 2026-11-21T10:00:03Z".into(),
+            ));
         };
         let at = humantime::parse_rfc3339_weak(text.trim_end_matches('Z')).map_err(|e| {
-            refuse(some, format!("expires_at {text:?} is not an RFC 3339 UTC time ({e}); write e.g. 2026-11-21T10:00:03Z"))
+            refuse(
+                some,
+                format!(
+                    "expires_at {text:?} is not an RFC 3339 UTC time ({e}); write e.g. 2026-11-21T10:00:03Z"
+                ),
+            )
         })?;
         if at <= now {
             return Err(refuse(some, "expired".to_owned()));
@@ -128,9 +139,12 @@ pub fn parse(name: &str, payload: &[u8], now: SystemTime) -> Result<Command, Ref
                 ),
             };
             if angles.as_ref().is_some_and(Vec::is_empty) {
-                return Err(refuse(some, "angles is empty; leave it out to capture the bay's usual angles".into()));
+                return Err(refuse(
+                    some,
+                    "angles is empty; leave it out to capture the bay's usual angles".into(),
+                ));
             }
-            Action::Start { case_id, vehicle: raw.vehicle, angles }
+            Action::Start { case_id, vehicle: raw.vehicle.map(Box::new), angles }
         }
         "cancel" => {
             let raw: RawCancel = serde_json::from_value(value.clone()).map_err(fields)?;
@@ -144,7 +158,12 @@ pub fn parse(name: &str, payload: &[u8], now: SystemTime) -> Result<Command, Ref
             let _: RawPing = serde_json::from_value(value.clone()).map_err(fields)?;
             Action::Ping
         }
-        _ => return Err(refuse(some, format!("unknown command {name:?}; the kiosk knows start, cancel, retry and ping"))),
+        _ => {
+            return Err(refuse(
+                some,
+                format!("unknown command {name:?}; the kiosk knows start, cancel, retry and ping"),
+            ))
+        }
     };
     Ok(Command { id: id.to_owned(), action })
 }
@@ -250,7 +269,9 @@ mod tests {
             Action::Retry { inspection_id: InspectionId(4) }
         );
         assert_eq!(
-            parse("cancel", br#"{"command_id":"x","expires_at":"2099-01-01T00:00:00Z"}"#, now()).unwrap().action,
+            parse("cancel", br#"{"command_id":"x","expires_at":"2099-01-01T00:00:00Z"}"#, now())
+                .unwrap()
+                .action,
             Action::Cancel { inspection_id: None }
         );
     }
@@ -271,10 +292,20 @@ mod tests {
             Some("a"),
             "start",
         );
-        check_refused("start", r#"{"command_id":"a","case_id":"C1","angles":["Underside"]}"#, Some("a"), "angles");
+        check_refused(
+            "start",
+            r#"{"command_id":"a","case_id":"C1","angles":["Underside"]}"#,
+            Some("a"),
+            "angles",
+        );
         check_refused("retry", r#"{"command_id":"a"}"#, Some("a"), "inspection_id");
         check_refused("reboot", r#"{"command_id":"a"}"#, Some("a"), "unknown command");
-        check_refused("ping", r#"{"command_id":"a","expires_at":"2020-01-01T00:00:00Z"}"#, Some("a"), "expired");
+        check_refused(
+            "ping",
+            r#"{"command_id":"a","expires_at":"2020-01-01T00:00:00Z"}"#,
+            Some("a"),
+            "expired",
+        );
         check_refused("ping", r#"{"command_id":"a","expires_at":"soon"}"#, Some("a"), "RFC 3339");
     }
 

@@ -141,11 +141,12 @@ pub fn start(config: Config, deps: Deps) -> anyhow::Result<Daemon> {
     let (wake, wake_inbox) = mpsc::channel::<()>();
     let stop_upload = Arc::new(AtomicBool::new(false));
     {
-        let (events, clock, beats, stop) = (events.clone(), clock.clone(), beats.clone(), stop_upload.clone());
+        let (events, clock, beats, stop) =
+            (events.clone(), clock.clone(), beats.clone(), stop_upload.clone());
         let mut leg = deps.upload;
-        std::thread::Builder::new().name("upload".to_owned()).spawn(move || {
-            upload_loop(leg.as_mut(), &wake_inbox, &events, clock.as_ref(), &beats, &stop)
-        })?;
+        std::thread::Builder::new()
+            .name("upload".to_owned())
+            .spawn(move || upload_loop(leg.as_mut(), &wake_inbox, &events, clock.as_ref(), &beats, &stop))?;
     }
 
     let boot_id = format!("{:016x}", fastrand::u64(..));
@@ -180,9 +181,8 @@ pub fn start(config: Config, deps: Deps) -> anyhow::Result<Daemon> {
     supervisor.notifier.send("READY=1");
     supervisor.send_status_line();
     log::info!(bay_id = supervisor.config.bay_id.as_str(), state_dir:% = supervisor.config.state_dir.display(); "Daemon ready");
-    let supervisor = std::thread::Builder::new()
-        .name("supervisor".to_owned())
-        .spawn(move || supervisor.run(&inbox))?;
+    let supervisor =
+        std::thread::Builder::new().name("supervisor".to_owned()).spawn(move || supervisor.run(&inbox))?;
     Ok(Daemon { events, supervisor })
 }
 
@@ -340,13 +340,16 @@ impl Supervisor {
         &mut self,
         id: &str,
         case_id: crate::vehicle::CaseId,
-        vehicle: Option<crate::vehicle::Vehicle>,
+        vehicle: Option<Box<crate::vehicle::Vehicle>>,
         angles: Option<Vec<crate::vehicle::PhotoLabel>>,
     ) -> Option<Ack> {
         if let Some(r) = &self.running {
             return Some(Ack::rejected(
                 Some(id),
-                format!("a capture is running (case {}); wait for inspection_captured or send cancel", r.case_id),
+                format!(
+                    "a capture is running (case {}); wait for inspection_captured or send cancel",
+                    r.case_id
+                ),
             ));
         }
         let angles = angles.unwrap_or_else(|| self.config.inspection.angles.clone());
@@ -357,7 +360,10 @@ impl Supervisor {
                 format!("angle {missing} is not shot by any camera of this bay; leave it out"),
             ));
         }
-        let settings = Settings { capture_attempts: self.config.inspection.capture_attempts, resize: self.config.imaging };
+        let settings = Settings {
+            capture_attempts: self.config.inspection.capture_attempts,
+            resize: self.config.imaging,
+        };
         let refusal = lock(&self.store).would_refuse(angles.len(), settings.expected_image_bytes());
         match refusal {
             Ok(None) => {}
@@ -370,7 +376,8 @@ impl Supervisor {
             }
             Err(e) => return Some(Ack::new(Some(id), AckStatus::Failed).with_reason(e.to_string())),
         }
-        let request = Request { case_id: case_id.clone(), vehicle, angles: angles.clone() };
+        let request =
+            Request { case_id: case_id.clone(), vehicle: vehicle.map(|v| *v), angles: angles.clone() };
         self.running = Some(Running {
             command_id: id.to_owned(),
             case_id: case_id.as_str().to_owned(),
@@ -381,7 +388,10 @@ impl Supervisor {
         self.cancel.store(false, Ordering::SeqCst);
         if self.jobs.send(Job { command_id: id.to_owned(), request, settings }).is_err() {
             self.running = None;
-            return Some(Ack::new(Some(id), AckStatus::Failed).with_reason("the capture loop has stopped; restart the kiosk"));
+            return Some(
+                Ack::new(Some(id), AckStatus::Failed)
+                    .with_reason("the capture loop has stopped; restart the kiosk"),
+            );
         }
         self.publish_state(false);
         None
@@ -411,13 +421,21 @@ impl Supervisor {
         let mut store = lock(&self.store);
         let summary = match store.inspection(inspection_id) {
             Ok(Some(s)) => s,
-            Ok(None) => return Ack::rejected(Some(id), format!("there is no inspection {inspection_id} in the buffer")),
+            Ok(None) => {
+                return Ack::rejected(
+                    Some(id),
+                    format!("there is no inspection {inspection_id} in the buffer"),
+                )
+            }
             Err(e) => return Ack::new(Some(id), AckStatus::Failed).with_reason(e.to_string()),
         };
         if summary.state != InspectionState::Failed {
             return Ack::rejected(
                 Some(id),
-                format!("inspection {inspection_id} is {}; only a failed inspection can be retried", summary.state),
+                format!(
+                    "inspection {inspection_id} is {}; only a failed inspection can be retried",
+                    summary.state
+                ),
             )
             .with_inspection(inspection_id);
         }
@@ -428,7 +446,9 @@ impl Supervisor {
                 let _ = self.wake.send(());
                 Ack::new(Some(id), AckStatus::Succeeded).with_inspection(inspection_id)
             }
-            Err(e) => Ack::new(Some(id), AckStatus::Failed).with_reason(e.to_string()).with_inspection(inspection_id),
+            Err(e) => Ack::new(Some(id), AckStatus::Failed)
+                .with_reason(e.to_string())
+                .with_inspection(inspection_id),
         }
     }
 
@@ -443,7 +463,8 @@ impl Supervisor {
             Progress::Started { inspection_id, angles } => {
                 if let Some(r) = &mut self.running {
                     r.inspection_id = Some(inspection_id);
-                    let ack = Ack::new(Some(&r.command_id), AckStatus::Accepted).with_inspection(inspection_id);
+                    let ack =
+                        Ack::new(Some(&r.command_id), AckStatus::Accepted).with_inspection(inspection_id);
                     self.answered.remember(&ack);
                     self.ack("start", &ack);
                 }
@@ -471,7 +492,11 @@ impl Supervisor {
         self.publish_state(false);
     }
 
-    fn capture_done(&mut self, command_id: Option<String>, result: Result<(InspectionId, InspectionState), String>) {
+    fn capture_done(
+        &mut self,
+        command_id: Option<String>,
+        result: Result<(InspectionId, InspectionState), String>,
+    ) {
         let running = self.running.take();
         let case_id = running.as_ref().map(|r| r.case_id.clone()).unwrap_or_default();
         match result {
@@ -513,22 +538,30 @@ impl Supervisor {
                 self.uploading = Some((inspection_id, case_id));
             }
             UploadEvent::Progress { inspection_id, case_id, images_sent, images_total, bytes } => {
-                self.emit(json!({"type": "upload_progress", "inspection_id": inspection_id, "case_id": case_id,
-                    "images_sent": images_sent, "images_total": images_total, "bytes": bytes}));
+                self.emit(
+                    json!({"type": "upload_progress", "inspection_id": inspection_id, "case_id": case_id,
+                    "images_sent": images_sent, "images_total": images_total, "bytes": bytes}),
+                );
             }
             UploadEvent::Uploaded { inspection_id, case_id, images, bytes } => {
                 self.uploading = None;
                 self.cloud["last_upload_at"] = json!(now);
-                self.emit(json!({"type": "inspection_uploaded", "inspection_id": inspection_id, "case_id": case_id,
-                    "images": images, "bytes": bytes}));
+                self.emit(
+                    json!({"type": "inspection_uploaded", "inspection_id": inspection_id, "case_id": case_id,
+                    "images": images, "bytes": bytes}),
+                );
             }
             UploadEvent::SessionExpired { inspection_id, case_id } => {
-                self.emit(json!({"type": "session_expired", "inspection_id": inspection_id, "case_id": case_id}));
+                self.emit(
+                    json!({"type": "session_expired", "inspection_id": inspection_id, "case_id": case_id}),
+                );
             }
             UploadEvent::Failed { inspection_id, case_id, reason } => {
                 self.uploading = None;
-                self.emit(json!({"type": "inspection_failed", "inspection_id": inspection_id, "case_id": case_id,
-                    "reason": reason}));
+                self.emit(
+                    json!({"type": "inspection_failed", "inspection_id": inspection_id, "case_id": case_id,
+                    "reason": reason}),
+                );
             }
             UploadEvent::Link { online, clock_trusted, detail } => {
                 self.cloud["reachable"] = json!(online);
@@ -624,7 +657,8 @@ impl Supervisor {
     }
 
     fn send_status_line(&mut self) {
-        let buffered = self.last_state.as_ref().and_then(|s| s["buffer"]["inspections"].as_u64()).unwrap_or(0);
+        let buffered =
+            self.last_state.as_ref().and_then(|s| s["buffer"]["inspections"].as_u64()).unwrap_or(0);
         let online = match &self.link {
             None => "no mqtt",
             Some(l) if l.is_connected() => "online",
@@ -646,7 +680,9 @@ impl Supervisor {
             return self.notifier.send("READY=1");
         };
         match crate::config::load(&path) {
-            Err(e) => log::warn!(path:% = path.display(), error:% = e; "Reload refused: the configuration is invalid; the running one stays"),
+            Err(e) => {
+                log::warn!(path:% = path.display(), error:% = e; "Reload refused: the configuration is invalid; the running one stays")
+            }
             Ok(new) => {
                 let mut restart = Vec::new();
                 if new.bay_id != self.config.bay_id {

@@ -77,7 +77,12 @@ pub fn watchdog_from_env() -> Option<Duration> {
 
 /// Whether `WATCHDOG=1` may be sent at `now`: every loop beat within `stall_limit`, and half
 /// the interval passed since the last one. Times are monotonic.
-pub fn watchdog_due(now: Duration, last_sent: Option<Duration>, interval: Duration, last_beats: &[Duration]) -> bool {
+pub fn watchdog_due(
+    now: Duration,
+    last_sent: Option<Duration>,
+    interval: Duration,
+    last_beats: &[Duration],
+) -> bool {
     let stall_limit = interval / 2;
     let alive = last_beats.iter().all(|beat| now.saturating_sub(*beat) <= stall_limit);
     let due = last_sent.is_none_or(|t| now.saturating_sub(t) >= interval / 2);

@@ -70,7 +70,9 @@ pub enum LinkEvent {
     /// Connected (again): subscriptions, `online` and the latest `state` are being re-sent.
     Connected,
     /// The connection was lost; `reason` says why.
-    Disconnected { reason: String },
+    Disconnected {
+        reason: String,
+    },
     Command(Incoming),
 }
 
@@ -82,7 +84,9 @@ pub enum LinkError {
     #[error("mqtt.ca_file {path}: {reason}; point it at the PEM file of the CA that signed the broker's certificate")]
     Ca { path: String, reason: String },
     /// The password file could not be read.
-    #[error("mqtt password {path}: {reason}; make it a file readable by the kiosk holding only the password")]
+    #[error(
+        "mqtt password {path}: {reason}; make it a file readable by the kiosk holding only the password"
+    )]
     Password { path: String, reason: String },
 }
 
@@ -302,8 +306,8 @@ impl Link {
                     return;
                 }
                 let connected = self.is_connected();
-                let state_due = outbox.state.is_some()
-                    && last_state_at.is_none_or(|t| t.elapsed() >= STATE_MIN_INTERVAL);
+                let state_due =
+                    outbox.state.is_some() && last_state_at.is_none_or(|t| t.elapsed() >= STATE_MIN_INTERVAL);
                 if connected && (outbox.announce || !outbox.queue.is_empty() || state_due) {
                     break;
                 }
