@@ -315,6 +315,15 @@ impl Supervisor {
             log::info!(command = name.as_str(), command_id = command.id.as_str(); "Command seen before answered with its first outcome");
             return self.ack(&name, &first);
         }
+        if self.running.as_ref().is_some_and(|r| r.command_id == command.id) {
+            // The same start again before its first answer: it is running; say so, once more.
+            let ack = Ack::new(Some(&command.id), AckStatus::Accepted);
+            let ack = match self.running.as_ref().and_then(|r| r.inspection_id) {
+                Some(inspection_id) => ack.with_inspection(inspection_id),
+                None => ack,
+            };
+            return self.ack(&name, &ack);
+        }
         let id = command.id.clone();
         let ack = match command.action {
             Action::Ping => Some(Ack::new(Some(&id), AckStatus::Succeeded)),
