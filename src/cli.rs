@@ -124,6 +124,12 @@ pub enum Command {
         #[arg(long, default_value_t = 3600)]
         session_ttl: u64,
     },
+    /// Run the kiosk: take `start` commands over MQTT, capture, upload in the background, report
+    /// state; under systemd with `Type=notify`. SIGTERM stops it, SIGHUP reloads the config.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// A simulated drive-through on embedded defaults: no config, no camera, no network.
     Demo {
         /// Frame size of the synthetic cameras.
@@ -132,6 +138,9 @@ pub enum Command {
         /// Keep the buffer in this directory instead of a temporary one.
         #[arg(long)]
         state_dir: Option<PathBuf>,
+        /// Publish status and events to this broker (mqtt://HOST:PORT) under capture-kiosk/demo.
+        #[arg(long)]
+        mqtt: Option<String>,
     },
 }
 
@@ -149,7 +158,8 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Standin { port, username, api_key, api_secret_file, token_ttl, session_ttl } => {
             standin(port, username, api_key, api_secret_file, token_ttl, session_ttl)
         }
-        Command::Demo { frame, state_dir } => run_demo(&frame, state_dir),
+        Command::Run { config } => run_daemon(&config),
+        Command::Demo { frame, state_dir, mqtt } => run_demo(&frame, state_dir, mqtt),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -510,7 +520,51 @@ fn standin(
     Ok(EXIT_OK)
 }
 
-fn run_demo(frame: &str, state_dir: Option<PathBuf>) -> anyhow::Result<u8> {
+fn run_daemon(path: &Path) -> anyhow::Result<u8> {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let rig = Rig::open(&config).context("a camera of the config cannot be opened")?;
+    let clock: Arc<dyn crate::clock::Clock> = Arc::new(SystemClock::new());
+    let upload: Box<dyn crate::daemon::UploadLeg> =
+        match crate::daemon::CloudLeg::open(&config, clock.clone()).context("the upload leg cannot start")? {
+            Some(leg) => Box::new(leg),
+            None => Box::new(crate::daemon::CaptureOnly::default()),
+        };
+    let deps = crate::daemon::Deps {
+        clock,
+        rig,
+        upload,
+        notifier: crate::daemon::Notifier::from_env(),
+        watchdog: crate::daemon::notify::watchdog_from_env(),
+        config_path: Some(path.to_owned()),
+        hooks: crate::daemon::Hooks::default(),
+    };
+    let daemon = crate::daemon::start(config, deps)?;
+    let events = daemon.sender();
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
+    ])
+    .context("signal handlers cannot be installed")?;
+    std::thread::Builder::new().name("signals".to_owned()).spawn(move || {
+        for signal in signals.forever() {
+            let signal = match signal {
+                signal_hook::consts::SIGHUP => crate::daemon::Signal::Reload,
+                _ => crate::daemon::Signal::Terminate,
+            };
+            if events.send(crate::daemon::Event::Signal(signal)).is_err() {
+                return;
+            }
+        }
+    })?;
+    daemon.wait()?;
+    Ok(EXIT_OK)
+}
+
+fn run_demo(frame: &str, state_dir: Option<PathBuf>, mqtt: Option<String>) -> anyhow::Result<u8> {
     let (width, height) = match capture::CameraSource::parse(&format!("synthetic:{frame}")) {
         Ok(capture::CameraSource::Synthetic { width, height }) => (width, height),
         _ => {
@@ -519,7 +573,7 @@ fn run_demo(frame: &str, state_dir: Option<PathBuf>) -> anyhow::Result<u8> {
             ))
         }
     };
-    let report = demo::run(&DemoOptions { width, height, state_dir }, &mut |line| println!("{line}"))?;
+    let report = demo::run(&DemoOptions { width, height, state_dir, mqtt }, &mut |line| println!("{line}"))?;
     Ok(match (&report.upload, report.outcome.failed.is_empty()) {
         (Err(_), _) => EXIT_BUFFERED,
         (Ok(_), true) => EXIT_OK,

@@ -25,6 +25,48 @@ pub struct Config {
     pub cameras: Vec<CameraConfig>,
     /// The cloud inspection API; `None` captures and buffers only.
     pub cloud: Option<CloudConfig>,
+    /// The MQTT broker for status and commands; `None` runs without one.
+    pub mqtt: Option<MqttConfig>,
+}
+
+impl MqttConfig {
+    /// The settings for a broker named only by its URL (the demo's `--mqtt`), with defaults for
+    /// the rest.
+    pub fn from_url(url: &str) -> Result<MqttConfig, ConfigError> {
+        let raw = RawMqtt {
+            url: url.to_owned(),
+            topic_prefix: default_topic_prefix(),
+            username: None,
+            password_file: None,
+            ca_file: None,
+            heartbeat: default_heartbeat(),
+        };
+        raw.check().map_err(|i| ConfigError::Invalid {
+            path: "--mqtt".to_owned(),
+            key: i.key,
+            problem: i.problem,
+            fix: i.fix,
+        })
+    }
+}
+
+/// `[mqtt]`: the broker that carries the bay's status and the operator's commands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MqttConfig {
+    /// `mqtts` (TLS) or plain `mqtt`.
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// Topics live under `{topic_prefix}/{bay_id}`.
+    pub topic_prefix: String,
+    pub username: Option<String>,
+    /// File holding the password; without it, systemd's `$CREDENTIALS_DIRECTORY/mqtt-password`
+    /// is used when present.
+    pub password_file: Option<PathBuf>,
+    /// PEM file of the CA that signed the broker's certificate (required for `mqtts`).
+    pub ca_file: Option<PathBuf>,
+    /// How often `state` is published when nothing changes.
+    pub heartbeat: Duration,
 }
 
 /// `[cloud]`: where and as whom the kiosk uploads.
@@ -237,6 +279,27 @@ struct RawConfig {
     #[serde(default)]
     cameras: Vec<RawCamera>,
     cloud: Option<RawCloud>,
+    mqtt: Option<RawMqtt>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMqtt {
+    url: String,
+    #[serde(default = "default_topic_prefix")]
+    topic_prefix: String,
+    username: Option<String>,
+    password_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
+    #[serde(default = "default_heartbeat")]
+    heartbeat: String,
+}
+
+fn default_topic_prefix() -> String {
+    "capture-kiosk".to_owned()
+}
+fn default_heartbeat() -> String {
+    "30s".to_owned()
 }
 
 #[derive(Debug, Deserialize)]
@@ -548,8 +611,14 @@ impl RawConfig {
             Some(raw) => Some(raw.check()?),
         };
 
+        let mqtt = match self.mqtt {
+            None => None,
+            Some(raw) => Some(raw.check()?),
+        };
+
         Ok(Config {
             cloud,
+            mqtt,
             bay_id: self.bay_id,
             state_dir: self.state_dir,
             inspection: InspectionConfig { angles, capture_attempts: attempts as u32 },
@@ -623,6 +692,90 @@ impl RawCloud {
     }
 }
 
+impl RawMqtt {
+    fn check(self) -> Result<MqttConfig, Invalid> {
+        let url = self.url.trim();
+        let url_fix = "write mqtt://HOST[:PORT] or mqtts://HOST[:PORT], e.g. \"mqtt://broker.local:1883\"";
+        let (tls, rest) = if let Some(rest) = url.strip_prefix("mqtts://") {
+            (true, rest)
+        } else if let Some(rest) = url.strip_prefix("mqtt://") {
+            (false, rest)
+        } else {
+            return Err(invalid("mqtt.url", format!("{url:?} is not an mqtt:// or mqtts:// URL"), url_fix));
+        };
+        let rest = rest.trim_end_matches('/');
+        if rest.contains('@') {
+            return Err(invalid(
+                "mqtt.url",
+                "contains credentials",
+                "remove user:password@ from the URL; use mqtt.username and mqtt.password_file",
+            ));
+        }
+        if rest.contains(['/', '?', '#']) {
+            return Err(invalid("mqtt.url", format!("{url:?} has a path or query"), url_fix));
+        }
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => match p.parse::<u16>() {
+                Ok(port) if port > 0 => (h, port),
+                _ => return Err(invalid("mqtt.url", format!("port {p:?} is not a port number"), url_fix)),
+            },
+            _ => (rest, if tls { 8883 } else { 1883 }),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err(invalid("mqtt.url", format!("{url:?} names no host"), url_fix));
+        }
+        let prefix = self.topic_prefix.trim().to_owned();
+        if prefix.is_empty()
+            || prefix.starts_with('/')
+            || prefix.ends_with('/')
+            || prefix.contains(['+', '#', '\0'])
+            || prefix.split('/').any(str::is_empty)
+        {
+            return Err(invalid(
+                "mqtt.topic_prefix",
+                format!("{prefix:?} is not a usable topic prefix"),
+                "use topic levels separated by /, without +, # or empty levels, e.g. \"capture-kiosk\"",
+            ));
+        }
+        if tls && self.ca_file.is_none() {
+            return Err(invalid(
+                "mqtt.ca_file",
+                "mqtts needs the CA that signed the broker's certificate",
+                "set ca_file to a PEM file with that CA",
+            ));
+        }
+        if !tls && self.ca_file.is_some() {
+            return Err(invalid(
+                "mqtt.ca_file",
+                "is only used with mqtts://",
+                "remove it or use an mqtts:// URL",
+            ));
+        }
+        if self.password_file.is_some() && self.username.is_none() {
+            return Err(invalid("mqtt.password_file", "is set without a username", "set mqtt.username too"));
+        }
+        let heartbeat = duration("mqtt.heartbeat", &self.heartbeat)?;
+        if heartbeat < Duration::from_secs(1) || heartbeat > Duration::from_secs(3600) {
+            return Err(invalid(
+                "mqtt.heartbeat",
+                format!("{:?} is out of range", self.heartbeat),
+                "use 1s to 1h",
+            ));
+        }
+        Ok(MqttConfig {
+            tls,
+            host: host.to_owned(),
+            port,
+            topic_prefix: prefix,
+            username: self.username,
+            password_file: self.password_file,
+            ca_file: self.ca_file,
+            heartbeat,
+        })
+    }
+}
+
 fn first_duplicate(labels: &[PhotoLabel]) -> Option<PhotoLabel> {
     labels.iter().enumerate().find(|(i, l)| labels[..*i].contains(l)).map(|(_, l)| *l)
 }
@@ -671,6 +824,45 @@ angles = ["Rear", "Rear_Left", "Rear_Right", "VIN"]
         for w in words {
             assert!(shown.contains(w), "{shown:?} should mention {w:?}");
         }
+    }
+
+    #[test]
+    fn the_mqtt_section_is_checked() {
+        let with = |section: &str| format!("{GOOD}\n[mqtt]\n{section}\n");
+        let m = parse(&with("url = \"mqtt://broker.local\""), "t").unwrap().mqtt.unwrap();
+        assert_eq!(
+            (m.host.as_str(), m.port, m.tls, m.topic_prefix.as_str()),
+            ("broker.local", 1883, false, "capture-kiosk")
+        );
+        assert_eq!(m.heartbeat, Duration::from_secs(30));
+        let m = parse(&with("url = \"mqtts://10.0.0.2:8884/\"\nca_file = \"/etc/ca.pem\"\nusername = \"bay\"\npassword_file = \"/etc/pw\"\ntopic_prefix = \"acme/kiosks\""), "t")
+            .unwrap()
+            .mqtt
+            .unwrap();
+        assert_eq!(
+            (m.host.as_str(), m.port, m.tls, m.topic_prefix.as_str()),
+            ("10.0.0.2", 8884, true, "acme/kiosks")
+        );
+        assert!(parse(GOOD, "t").unwrap().mqtt.is_none());
+        check_refused(&with("url = \"http://broker\""), Some("mqtt.url"), &["mqtt://"]);
+        check_refused(&with("url = \"mqtt://u:secret@broker\""), Some("mqtt.url"), &["credentials"]);
+        check_refused(&with("url = \"mqtt://broker:99999\""), Some("mqtt.url"), &["port"]);
+        check_refused(&with("url = \"mqtt://\""), Some("mqtt.url"), &["no host"]);
+        check_refused(&with("url = \"mqtts://broker\""), Some("mqtt.ca_file"), &["CA"]);
+        check_refused(
+            &with("url = \"mqtt://b\"\ntopic_prefix = \"a/#\""),
+            Some("mqtt.topic_prefix"),
+            &["+, #"],
+        );
+        check_refused(
+            &with("url = \"mqtt://b\"\npassword_file = \"/p\""),
+            Some("mqtt.password_file"),
+            &["username"],
+        );
+        check_refused(&with("url = \"mqtt://b\"\nheartbeat = \"0s\""), Some("mqtt.heartbeat"), &["1s to 1h"]);
+        check_refused(&with("url = \"mqtt://b\"\nqos = 2"), None, &["qos"]);
+        let shown = parse(&with("url = \"mqtt://u:hunter2@b\""), "t").unwrap_err().to_string();
+        assert!(!shown.contains("hunter2"), "{shown}");
     }
 
     #[test]

@@ -7,15 +7,17 @@
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
 use crate::capture::{Camera, SyntheticCamera};
+use crate::clock::rfc3339_seconds;
 use crate::clock::SystemClock;
 use crate::config::{ByteSize, CloudConfig};
 use crate::imaging::ResizeSpec;
 use crate::inspection::{self, Outcome, Progress, Request, Rig, Settings};
+use crate::mqtt::Link;
 use crate::standin::{StandIn, StandInConfig};
 use crate::store::{Caps, Store};
 use crate::upload::Event;
@@ -29,11 +31,13 @@ pub struct DemoOptions {
     pub height: u32,
     /// Keep the buffer here instead of in a temporary directory.
     pub state_dir: Option<PathBuf>,
+    /// Publish status and events to this broker (`mqtt://HOST:PORT`) under `capture-kiosk/demo`.
+    pub mqtt: Option<String>,
 }
 
 impl Default for DemoOptions {
     fn default() -> Self {
-        DemoOptions { width: 4032, height: 3024, state_dir: None }
+        DemoOptions { width: 4032, height: 3024, state_dir: None, mqtt: None }
     }
 }
 
@@ -97,14 +101,45 @@ pub fn run(options: &DemoOptions, say: &mut dyn FnMut(&str)) -> anyhow::Result<D
     say(&format!("cameras ready in {warm_up_seconds:.2} s (each rendered and encoded its first frame)"));
     say("trigger: a car has stopped in the bay");
 
+    let broker = match &options.mqtt {
+        None => None,
+        Some(url) => {
+            let config = crate::config::MqttConfig::from_url(url)?;
+            let link = Link::start(&config, DEMO_BAY, Box::new(|_| {}))
+                .context("the demo cannot set up its MQTT link")?;
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while !link.is_connected() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if link.is_connected() {
+                say(&format!(
+                    "publishing to {url} under {}/{DEMO_BAY}/ (status, state, events)",
+                    config.topic_prefix
+                ));
+            } else {
+                say(&format!(
+                    "broker {url} did not answer within 3 s; the demo goes on and publishes once it does"
+                ));
+            }
+            Some(DemoStatus { link, seq: 0, done: 0, angles: angles.len() })
+        }
+    };
+    let mut broker = broker;
+    if let Some(b) = &mut broker {
+        b.state("capturing", None);
+    }
+
     let request = Request {
         case_id: CaseId::parse("DEMO-0001")?,
         vehicle: Some(Vehicle::with_vin(Vin::parse("JN1CV6AR9BM123456")?)),
         angles: angles.clone(),
     };
     let cancel = AtomicBool::new(false);
-    let outcome =
-        inspection::run(&mut rig, &store, &request, &settings, &clock, &cancel, &mut |p| match p {
+    let outcome = inspection::run(&mut rig, &store, &request, &settings, &clock, &cancel, &mut |p| {
+        if let Some(b) = &mut broker {
+            b.progress(p, request.case_id.as_str());
+        }
+        match p {
             Progress::Captured { angle, camera, source_bytes, bytes, width, height } => say(&format!(
                 "  {:<12} {camera:<16} {} -> {width}x{height} {}",
                 angle.as_str(),
@@ -118,7 +153,15 @@ pub fn run(options: &DemoOptions, say: &mut dyn FnMut(&str)) -> anyhow::Result<D
                 say(&format!("  {:<12} attempt {attempt}: {reason}", angle.as_str()))
             }
             Progress::Started { .. } => {}
-        })?;
+        }
+    })?;
+    if let Some(mut b) = broker {
+        b.event(serde_json::json!({"type": "inspection_captured", "inspection_id": outcome.inspection_id,
+            "case_id": request.case_id.as_str(), "state": outcome.state.as_str(), "images": outcome.captured.len()}));
+        b.state("idle", None);
+        std::thread::sleep(Duration::from_millis(300));
+        b.link.stop(Duration::from_secs(2));
+    }
 
     let ratio = if outcome.source_bytes > 0 {
         outcome.stored_bytes as f64 / outcome.source_bytes as f64
@@ -241,4 +284,55 @@ fn write_owner_only(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> 
         .with_context(|| format!("cannot write {}", path.display()))?;
     f.write_all(bytes)?;
     Ok(())
+}
+
+/// The demo's bay id on MQTT.
+const DEMO_BAY: &str = "demo";
+
+/// What the demo publishes: the same topics and payload shapes as the daemon, kept simple.
+struct DemoStatus {
+    link: Link,
+    seq: u64,
+    done: usize,
+    angles: usize,
+}
+
+impl DemoStatus {
+    fn event(&mut self, mut event: serde_json::Value) {
+        self.seq += 1;
+        event["ts"] = serde_json::json!(rfc3339_seconds(std::time::SystemTime::now()));
+        event["seq"] = serde_json::json!(self.seq);
+        self.link.event(event.to_string().into_bytes());
+    }
+
+    fn state(&mut self, stage: &str, inspection: Option<serde_json::Value>) {
+        self.seq += 1;
+        let state = serde_json::json!({
+            "ts": rfc3339_seconds(std::time::SystemTime::now()), "seq": self.seq,
+            "version": env!("CARGO_PKG_VERSION"), "lifecycle": "ready", "stage": stage,
+            "inspection": inspection,
+        });
+        self.link.set_state(state.to_string().into_bytes());
+    }
+
+    fn progress(&mut self, p: &Progress, case_id: &str) {
+        let event = match p {
+            Progress::Started { inspection_id, .. } => serde_json::json!({"type": "inspection_started",
+                "inspection_id": inspection_id, "case_id": case_id}),
+            Progress::Captured { angle, camera, bytes, .. } => {
+                self.done += 1;
+                serde_json::json!({"type": "angle_captured", "case_id": case_id, "angle": angle.as_str(),
+                    "camera": camera, "bytes": bytes})
+            }
+            Progress::Failed { angle, camera, reason } => {
+                self.done += 1;
+                serde_json::json!({"type": "angle_failed", "case_id": case_id, "angle": angle.as_str(),
+                    "camera": camera, "reason": reason})
+            }
+            Progress::Retrying { .. } => return,
+        };
+        self.event(event);
+        let inspection = serde_json::json!({"case_id": case_id, "angles": self.angles, "done": self.done});
+        self.state("capturing", Some(inspection));
+    }
 }

@@ -13,5 +13,7 @@ fn main() -> ExitCode {
         _ => log::LevelFilter::Trace,
     };
     capture_kiosk::logging::init(level);
+    // ureq and rumqttc share rustls; exactly one crypto provider must be installed (PLATFORM.md).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     capture_kiosk::cli::run(cli)
 }

@@ -1,0 +1,344 @@
+//! Operator commands (`shared/spec/mqtt.md`): parsing untrusted bytes into a [`Command`],
+//! expiry, the memory of command ids already answered, and the ack payload. Pure: no I/O, no
+//! clock reads; `now` is an argument.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::mqtt::MAX_COMMAND_BYTES;
+use crate::store::InspectionId;
+use crate::vehicle::{CaseId, PhotoLabel, Vehicle};
+
+/// Longest command id accepted.
+pub const MAX_COMMAND_ID: usize = 64;
+/// Command ids remembered for duplicate detection; the oldest are forgotten first.
+pub const REMEMBERED_COMMANDS: usize = 1024;
+
+/// A command that passed every check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Command {
+    pub id: String,
+    pub action: Action,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Start { case_id: CaseId, vehicle: Option<Box<Vehicle>>, angles: Option<Vec<PhotoLabel>> },
+    Cancel { inspection_id: Option<InspectionId> },
+    Retry { inspection_id: InspectionId },
+    Ping,
+}
+
+/// A command that cannot be run: answered `rejected` with `reason`, under `command_id` when
+/// one could be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub command_id: Option<String>,
+    pub reason: String,
+}
+
+/// The outcome of a command, as published on `cmd/{name}/ack`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Ack {
+    pub command_id: Option<String>,
+    pub status: AckStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inspection_id: Option<InspectionId>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AckStatus {
+    Accepted,
+    Succeeded,
+    Rejected,
+    Failed,
+}
+
+impl Ack {
+    pub fn new(command_id: Option<&str>, status: AckStatus) -> Ack {
+        Ack { command_id: command_id.map(str::to_owned), status, reason: None, inspection_id: None }
+    }
+    pub fn rejected(command_id: Option<&str>, reason: impl Into<String>) -> Ack {
+        Ack { reason: Some(reason.into()), ..Ack::new(command_id, AckStatus::Rejected) }
+    }
+    pub fn with_inspection(mut self, id: InspectionId) -> Ack {
+        self.inspection_id = Some(id);
+        self
+    }
+    pub fn with_reason(mut self, reason: impl Into<String>) -> Ack {
+        self.reason = Some(reason.into());
+        self
+    }
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// Parses command `name` from untrusted `payload`, checking expiry against `now`.
+pub fn parse(name: &str, payload: &[u8], now: SystemTime) -> Result<Command, Refused> {
+    let refuse = |id: Option<&str>, reason: String| Refused { command_id: id.map(str::to_owned), reason };
+    if payload.len() > MAX_COMMAND_BYTES {
+        return Err(refuse(
+            None,
+            format!("the command is over {MAX_COMMAND_BYTES} bytes; send a smaller one"),
+        ));
+    }
+    let value: serde_json::Value = serde_json::from_slice(payload)
+        .map_err(|e| refuse(None, format!("the payload is not JSON ({e}); send a JSON object")))?;
+    let Some(object) = value.as_object() else {
+        return Err(refuse(None, "the payload is not a JSON object; send {\"command_id\": …}".to_owned()));
+    };
+    let id = match object.get("command_id") {
+        Some(serde_json::Value::String(id)) => id.as_str(),
+        Some(_) => return Err(refuse(None, "command_id must be a string".to_owned())),
+        None => return Err(refuse(None, "command_id is missing; give every command a unique id".to_owned())),
+    };
+    if id.is_empty() || id.chars().count() > MAX_COMMAND_ID || id.chars().any(char::is_control) {
+        return Err(refuse(
+            None,
+            format!("command_id must be 1 to {MAX_COMMAND_ID} characters without control characters"),
+        ));
+    }
+    let some = Some(id);
+    if let Some(expires) = object.get("expires_at") {
+        let Some(text) = expires.as_str() else {
+            return Err(refuse(
+                some,
+                "expires_at must be an RFC 3339 string such as 2026-11-21T10:00:03Z".into(),
+            ));
+        };
+        let at = humantime::parse_rfc3339_weak(text.trim_end_matches('Z')).map_err(|e| {
+            refuse(
+                some,
+                format!(
+                    "expires_at {text:?} is not an RFC 3339 UTC time ({e}); write e.g. 2026-11-21T10:00:03Z"
+                ),
+            )
+        })?;
+        if at <= now {
+            return Err(refuse(some, "expired".to_owned()));
+        }
+    }
+    let fields = |e: serde_json::Error| refuse(some, format!("{name}: {e}"));
+    let action = match name {
+        "start" => {
+            let raw: RawStart = serde_json::from_value(value.clone()).map_err(fields)?;
+            let case_id = CaseId::parse(&raw.case_id).map_err(|e| refuse(some, format!("case_id: {e}")))?;
+            let angles = match raw.angles {
+                None => None,
+                Some(names) => Some(
+                    names
+                        .iter()
+                        .map(|n| PhotoLabel::parse(n).map_err(|e| refuse(some, format!("angles: {e}"))))
+                        .collect::<Result<Vec<_>, _>>()?,
+                ),
+            };
+            if angles.as_ref().is_some_and(Vec::is_empty) {
+                return Err(refuse(
+                    some,
+                    "angles is empty; leave it out to capture the bay's usual angles".into(),
+                ));
+            }
+            Action::Start { case_id, vehicle: raw.vehicle.map(Box::new), angles }
+        }
+        "cancel" => {
+            let raw: RawCancel = serde_json::from_value(value.clone()).map_err(fields)?;
+            Action::Cancel { inspection_id: raw.inspection_id.map(InspectionId) }
+        }
+        "retry" => {
+            let raw: RawRetry = serde_json::from_value(value.clone()).map_err(fields)?;
+            Action::Retry { inspection_id: InspectionId(raw.inspection_id) }
+        }
+        "ping" => {
+            let _: RawPing = serde_json::from_value(value.clone()).map_err(fields)?;
+            Action::Ping
+        }
+        _ => {
+            return Err(refuse(
+                some,
+                format!("unknown command {name:?}; the kiosk knows start, cancel, retry and ping"),
+            ))
+        }
+    };
+    Ok(Command { id: id.to_owned(), action })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStart {
+    #[allow(dead_code)]
+    command_id: String,
+    #[allow(dead_code)]
+    expires_at: Option<String>,
+    case_id: String,
+    vehicle: Option<Vehicle>,
+    angles: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCancel {
+    #[allow(dead_code)]
+    command_id: String,
+    #[allow(dead_code)]
+    expires_at: Option<String>,
+    inspection_id: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    #[allow(dead_code)]
+    command_id: String,
+    #[allow(dead_code)]
+    expires_at: Option<String>,
+    inspection_id: i64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPing {
+    #[allow(dead_code)]
+    command_id: String,
+    #[allow(dead_code)]
+    expires_at: Option<String>,
+}
+
+/// The command ids already answered, with their first outcome.
+#[derive(Debug, Default)]
+pub struct Answered {
+    outcomes: HashMap<String, Ack>,
+    order: VecDeque<String>,
+}
+
+impl Answered {
+    /// The first outcome of `command_id`, if it was seen.
+    pub fn get(&self, command_id: &str) -> Option<&Ack> {
+        self.outcomes.get(command_id)
+    }
+
+    /// Remembers the first outcome of a command; later calls for the same id change nothing.
+    pub fn remember(&mut self, ack: &Ack) {
+        let Some(id) = &ack.command_id else { return };
+        if self.outcomes.contains_key(id) {
+            return;
+        }
+        if self.order.len() >= REMEMBERED_COMMANDS {
+            if let Some(old) = self.order.pop_front() {
+                self.outcomes.remove(&old);
+            }
+        }
+        self.order.push_back(id.clone());
+        self.outcomes.insert(id.clone(), ack.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn now() -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_000_000)
+    }
+
+    fn check_refused(name: &str, payload: &str, id: Option<&str>, words: &str) {
+        let err = parse(name, payload.as_bytes(), now()).expect_err(payload);
+        assert_eq!(err.command_id.as_deref(), id, "{payload}");
+        assert!(err.reason.contains(words), "{payload}: {:?} lacks {words:?}", err.reason);
+    }
+
+    #[test]
+    fn good_commands_parse() {
+        let c = parse(
+            "start",
+            br#"{"command_id":"c1","case_id":"CASE-1","vehicle":{"vin":"JN1CV6AR9BM123456"},"angles":["Front","Rear"]}"#,
+            now(),
+        )
+        .unwrap();
+        assert_eq!(c.id, "c1");
+        assert!(matches!(c.action, Action::Start { ref angles, .. } if angles.as_ref().unwrap().len() == 2));
+        assert_eq!(parse("ping", br#"{"command_id":"p"}"#, now()).unwrap().action, Action::Ping);
+        assert_eq!(
+            parse("retry", br#"{"command_id":"r","inspection_id":4}"#, now()).unwrap().action,
+            Action::Retry { inspection_id: InspectionId(4) }
+        );
+        assert_eq!(
+            parse("cancel", br#"{"command_id":"x","expires_at":"2099-01-01T00:00:00Z"}"#, now())
+                .unwrap()
+                .action,
+            Action::Cancel { inspection_id: None }
+        );
+    }
+
+    #[test]
+    fn bad_commands_are_refused_with_a_reason() {
+        check_refused("ping", "{not json", None, "not JSON");
+        check_refused("ping", "[1]", None, "not a JSON object");
+        check_refused("ping", "{}", None, "command_id is missing");
+        check_refused("ping", r#"{"command_id":""}"#, None, "1 to 64");
+        check_refused("ping", &format!(r#"{{"command_id":"{}"}}"#, "x".repeat(65)), None, "1 to 64");
+        check_refused("ping", r#"{"command_id":"a","extra":1}"#, Some("a"), "unknown field");
+        check_refused("start", r#"{"command_id":"a","case_id":"../etc"}"#, Some("a"), "case_id");
+        check_refused("start", r#"{"command_id":"a"}"#, Some("a"), "case_id");
+        check_refused(
+            "start",
+            r#"{"command_id":"a","case_id":"C1","vehicle":{"vin":"123"}}"#,
+            Some("a"),
+            "start",
+        );
+        check_refused(
+            "start",
+            r#"{"command_id":"a","case_id":"C1","angles":["Underside"]}"#,
+            Some("a"),
+            "angles",
+        );
+        check_refused("retry", r#"{"command_id":"a"}"#, Some("a"), "inspection_id");
+        check_refused("reboot", r#"{"command_id":"a"}"#, Some("a"), "unknown command");
+        check_refused(
+            "ping",
+            r#"{"command_id":"a","expires_at":"2020-01-01T00:00:00Z"}"#,
+            Some("a"),
+            "expired",
+        );
+        check_refused("ping", r#"{"command_id":"a","expires_at":"soon"}"#, Some("a"), "RFC 3339");
+    }
+
+    #[test]
+    fn an_answered_command_keeps_its_first_outcome() {
+        let mut answered = Answered::default();
+        answered.remember(&Ack::new(Some("a"), AckStatus::Succeeded));
+        answered.remember(&Ack::rejected(Some("a"), "later"));
+        assert_eq!(answered.get("a").unwrap().status, AckStatus::Succeeded);
+        for i in 0..REMEMBERED_COMMANDS {
+            answered.remember(&Ack::new(Some(&format!("n{i}")), AckStatus::Succeeded));
+        }
+        assert!(answered.get("a").is_none(), "the oldest id is forgotten first");
+        assert!(answered.get("n5").is_some());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn no_bytes_crash_the_parser(name in "[a-z]{0,8}", payload in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let _ = parse(&name, &payload, now());
+        }
+
+        #[test]
+        fn json_shaped_garbage_is_refused_or_valid(id in "\\PC{0,70}", case in "\\PC{0,70}", n in proptest::num::i64::ANY) {
+            let payload = serde_json::json!({"command_id": id, "case_id": case, "inspection_id": n}).to_string();
+            for name in ["start", "cancel", "retry", "ping"] {
+                if let Ok(c) = parse(name, payload.as_bytes(), now()) {
+                    proptest::prop_assert!(c.id.chars().count() <= MAX_COMMAND_ID);
+                    if let Action::Start { case_id, .. } = c.action {
+                        proptest::prop_assert!(!case_id.as_str().contains(['/', '.']));
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,106 @@
+//! systemd's notification protocol: `READY=1`, `WATCHDOG=1`, `STATUS=…` and `STOPPING=1` as
+//! datagrams to `$NOTIFY_SOCKET` (a path, or an abstract name starting with `@`), and the
+//! pure rule for when the watchdog may be fed.
+
+use std::os::unix::net::UnixDatagram;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Where notifications go; does nothing when the daemon was not started by systemd.
+#[derive(Debug)]
+pub struct Notifier {
+    target: Option<(UnixDatagram, String)>,
+}
+
+impl Notifier {
+    /// A notifier that sends nothing.
+    pub fn none() -> Notifier {
+        Notifier { target: None }
+    }
+
+    /// The notifier for socket `address` (`@name` for an abstract socket).
+    pub fn to(address: &str) -> Notifier {
+        match UnixDatagram::unbound() {
+            Ok(socket) => Notifier { target: Some((socket, address.to_owned())) },
+            Err(e) => {
+                log::warn!(socket = address, error:% = e; "No socket for systemd notifications");
+                Notifier::none()
+            }
+        }
+    }
+
+    /// The notifier `$NOTIFY_SOCKET` names, if any.
+    pub fn from_env() -> Notifier {
+        match std::env::var("NOTIFY_SOCKET") {
+            Ok(address) if !address.is_empty() => Notifier::to(&address),
+            _ => Notifier::none(),
+        }
+    }
+
+    /// Sends one notification (lines such as `READY=1`); failures are logged, never fatal.
+    pub fn send(&self, message: &str) {
+        let Some((socket, address)) = &self.target else { return };
+        let sent = if let Some(name) = address.strip_prefix('@') {
+            abstract_send(socket, name, message)
+        } else {
+            socket.send_to(message.as_bytes(), PathBuf::from(address))
+        };
+        if let Err(e) = sent {
+            log::debug!(socket = address.as_str(), error:% = e; "systemd notification not delivered");
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn abstract_send(socket: &UnixDatagram, name: &str, message: &str) -> std::io::Result<usize> {
+    use std::os::linux::net::SocketAddrExt;
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+    socket.send_to_addr(message.as_bytes(), &addr)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn abstract_send(_: &UnixDatagram, _: &str, _: &str) -> std::io::Result<usize> {
+    Err(std::io::Error::other("abstract sockets exist only on Linux"))
+}
+
+/// The watchdog interval systemd asks for (`$WATCHDOG_USEC`), if it asks and the notification
+/// is meant for this process (`$WATCHDOG_PID`).
+pub fn watchdog_from_env() -> Option<Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+        if pid.parse::<u32>().ok()? != std::process::id() {
+            return None;
+        }
+    }
+    (usec > 0).then(|| Duration::from_micros(usec))
+}
+
+/// Whether `WATCHDOG=1` may be sent at `now`: every loop beat within `stall_limit`, and half
+/// the interval passed since the last one. Times are monotonic.
+pub fn watchdog_due(
+    now: Duration,
+    last_sent: Option<Duration>,
+    interval: Duration,
+    last_beats: &[Duration],
+) -> bool {
+    let stall_limit = interval / 2;
+    let alive = last_beats.iter().all(|beat| now.saturating_sub(*beat) <= stall_limit);
+    let due = last_sent.is_none_or(|t| now.saturating_sub(t) >= interval / 2);
+    alive && due
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_watchdog_is_fed_only_while_every_loop_beats() {
+        let s = Duration::from_secs;
+        let interval = s(10);
+        assert!(watchdog_due(s(100), None, interval, &[s(99), s(98)]));
+        assert!(!watchdog_due(s(100), Some(s(97)), interval, &[s(99), s(98)]), "too soon after the last");
+        assert!(watchdog_due(s(100), Some(s(95)), interval, &[s(99), s(98)]));
+        assert!(!watchdog_due(s(100), Some(s(90)), interval, &[s(99), s(94)]), "one loop is wedged");
+        assert!(watchdog_due(s(100), Some(s(90)), interval, &[s(99), s(95)]));
+    }
+}

@@ -1,0 +1,136 @@
+//! The seam between the daemon and the upload leg. The daemon runs a [`UploadLeg`] on a thread
+//! of its own and turns its [`UploadEvent`]s into `state` and `events` on MQTT; the leg reads
+//! and updates the buffer itself. [`CaptureOnly`] is the leg of a bay without `[cloud]`, [`CloudLeg`] the real one.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::store::{InspectionId, Store};
+use crate::upload::{Event, Pump, Uploader};
+
+/// What the daemon needs from the upload leg; it runs on its own thread.
+pub trait UploadLeg: Send {
+    /// Does the upload work that is due now (possibly several requests) and returns how long
+    /// the caller may sleep before calling again; a wake (new capture, `retry`) cuts the sleep
+    /// short. Must return within a few seconds even when the network stalls (the daemon's
+    /// watchdog is fed only while this loop comes back).
+    fn pump(&mut self, events: &mut dyn FnMut(UploadEvent)) -> Duration;
+
+    /// Forgets any wait (a new capture, an operator's retry); the next pump tries at once.
+    fn wake(&mut self) {}
+}
+
+/// What the upload leg reports. Each variant but `Link` is one MQTT event type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UploadEvent {
+    /// The leg began sending an inspection (`stage` becomes `uploading`). No event of its own.
+    Started { inspection_id: i64, case_id: String },
+    /// `upload_progress`: images of the inspection accepted by the cloud so far.
+    Progress { inspection_id: i64, case_id: String, images_sent: u32, images_total: u32, bytes: u64 },
+    /// `inspection_uploaded`: the cloud has all of it and the buffer marked it completed.
+    Uploaded { inspection_id: i64, case_id: String, images: u32, bytes: u64 },
+    /// `session_expired`: the cloud session ended before the upload did; images go to a new one.
+    SessionExpired { inspection_id: i64, case_id: String },
+    /// `inspection_failed`: given up for good (the buffer marked it failed); `retry` re-queues it.
+    Failed { inspection_id: i64, case_id: String, reason: String },
+    /// The state of the way to the cloud (`state.cloud`); never an event.
+    Link { online: bool, clock_trusted: bool, detail: Option<String> },
+}
+
+/// The leg of a bay with no `[cloud]` section: uploads nothing; inspections stay `captured`.
+#[derive(Debug, Default)]
+pub struct CaptureOnly {
+    told: bool,
+}
+
+impl UploadLeg for CaptureOnly {
+    fn pump(&mut self, events: &mut dyn FnMut(UploadEvent)) -> Duration {
+        if !self.told {
+            self.told = true;
+            events(UploadEvent::Link {
+                online: false,
+                clock_trusted: true,
+                detail: Some("no [cloud] section: capture only, inspections stay captured".to_owned()),
+            });
+        }
+        Duration::from_secs(3600)
+    }
+}
+
+/// The leg of a bay with `[cloud]`: the [`Uploader`] on its own connection to the buffer.
+/// Its events are turned into the daemon's after each pump, when the buffer can be asked for
+/// the case id and how many images the session holds.
+pub struct CloudLeg {
+    uploader: Uploader,
+    store: Store,
+}
+
+impl CloudLeg {
+    /// Opens the leg: its own connection to the buffer in `state_dir`, and the account secret.
+    pub fn open(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Option<CloudLeg>> {
+        let Some(cloud) = &config.cloud else {
+            return Ok(None);
+        };
+        let uploader = crate::upload::drain::uploader(cloud, clock.clone())?;
+        let store = Store::open(&config.state_dir, config.buffer.caps, clock.wall())?;
+        Ok(Some(CloudLeg { uploader, store }))
+    }
+
+    fn translate(&self, event: Event) -> Option<UploadEvent> {
+        let case_of = |id: InspectionId| {
+            self.store.inspection(id).ok().flatten().map(|i| i.case_id).unwrap_or_default()
+        };
+        Some(match event {
+            Event::Started { id, case_id } => UploadEvent::Started { inspection_id: id.0, case_id },
+            Event::Sent { id, bytes, .. } => {
+                let total = self.store.inspection(id).ok().flatten().map_or(0, |i| i.images);
+                let sent = self.store.upload_state(id).map_or(0, |u| u.sent);
+                UploadEvent::Progress {
+                    inspection_id: id.0,
+                    case_id: case_of(id),
+                    images_sent: sent as u32,
+                    images_total: total as u32,
+                    bytes,
+                }
+            }
+            Event::Uploaded { id, case_id, images, bytes, .. } => {
+                UploadEvent::Uploaded { inspection_id: id.0, case_id, images: images as u32, bytes }
+            }
+            Event::SessionGivenUp { id, case_id, .. } => {
+                UploadEvent::SessionExpired { inspection_id: id.0, case_id }
+            }
+            Event::Failed { id, case_id, reason } => {
+                UploadEvent::Failed { inspection_id: id.0, case_id, reason }
+            }
+            Event::Link(link) => UploadEvent::Link {
+                online: link.online.unwrap_or(false),
+                clock_trusted: link.clock.may_sign(),
+                detail: link.last_error,
+            },
+        })
+    }
+}
+
+impl UploadLeg for CloudLeg {
+    fn pump(&mut self, events: &mut dyn FnMut(UploadEvent)) -> Duration {
+        let mut happened = Vec::new();
+        let next = self.uploader.pump(&mut self.store, &mut |e| happened.push(e));
+        for event in happened {
+            if let Some(e) = self.translate(event) {
+                events(e);
+            }
+        }
+        match next {
+            Pump::Progress => Duration::ZERO,
+            Pump::Wait(wait, _) => wait,
+            // A capture or a retry wakes the leg; this is only a safety net.
+            Pump::Idle => Duration::from_secs(60),
+        }
+    }
+
+    fn wake(&mut self) {
+        self.uploader.wake();
+    }
+}

@@ -1,0 +1,421 @@
+//! The kiosk's MQTT link (`shared/spec/mqtt.md`): retained `status` with a Last Will, retained
+//! `state`, `events`, commands in and acks out. The only module that names rumqttc.
+//!
+//! Nothing outside this module ever waits for the broker. [`Link`] hands messages to an
+//! outbox that never blocks: `state` is kept as the latest value only (a broker that comes back
+//! gets the current state, not a backlog), events and acks go to a bounded queue and are
+//! dropped, counted, when it is full or the broker is away. Two threads do the I/O: one drives
+//! the connection (reconnecting with a capped, jittered backoff, since rumqttc would retry in a
+//! hot loop), the other moves the outbox to rumqttc with `try_publish`.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rumqttc::{Client, Connection, Event, LastWill, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+
+use crate::config::MqttConfig;
+
+/// Most events and acks waiting for the broker; more are dropped.
+pub const OUTBOX_CAPACITY: usize = 256;
+/// The shortest gap between two `state` messages (coalescing).
+pub const STATE_MIN_INTERVAL: Duration = Duration::from_millis(200);
+/// Largest command payload accepted; bigger ones are answered `rejected` unread.
+pub const MAX_COMMAND_BYTES: usize = 16 * 1024;
+
+/// The topics of one bay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    root: String,
+}
+
+impl Topics {
+    pub fn new(prefix: &str, bay_id: &str) -> Topics {
+        Topics { root: format!("{prefix}/{bay_id}") }
+    }
+    pub fn status(&self) -> String {
+        format!("{}/status", self.root)
+    }
+    pub fn state(&self) -> String {
+        format!("{}/state", self.root)
+    }
+    pub fn events(&self) -> String {
+        format!("{}/events", self.root)
+    }
+    /// The filter the kiosk subscribes to.
+    pub fn commands(&self) -> String {
+        format!("{}/cmd/+", self.root)
+    }
+    pub fn ack(&self, command: &str) -> String {
+        format!("{}/cmd/{command}/ack", self.root)
+    }
+    /// The command name of a topic under `cmd/`, or `None` for any other topic (an ack included).
+    pub fn command_name<'t>(&self, topic: &'t str) -> Option<&'t str> {
+        let rest = topic.strip_prefix(self.root.as_str())?.strip_prefix("/cmd/")?;
+        (!rest.is_empty() && !rest.contains('/')).then_some(rest)
+    }
+}
+
+/// A command as it arrived; the daemon parses it.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub name: String,
+    pub payload: Vec<u8>,
+}
+
+/// What the link tells its owner.
+#[derive(Debug, Clone)]
+pub enum LinkEvent {
+    /// Connected (again): subscriptions, `online` and the latest `state` are being re-sent.
+    Connected,
+    /// The connection was lost; `reason` says why.
+    Disconnected {
+        reason: String,
+    },
+    Command(Incoming),
+}
+
+/// Why the link could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The CA file for `mqtts` could not be read or holds no usable certificate. A retry after
+    /// fixing the file helps.
+    #[error("mqtt.ca_file {path}: {reason}; point it at the PEM file of the CA that signed the broker's certificate")]
+    Ca { path: String, reason: String },
+    /// The password file could not be read.
+    #[error(
+        "mqtt password {path}: {reason}; make it a file readable by the kiosk holding only the password"
+    )]
+    Password { path: String, reason: String },
+}
+
+/// Delay before reconnect attempt `attempt` (0 after the first failure): exponential from
+/// 500 ms, capped at 30 s, with full jitter from `unit` (a number in 0..1), never under 100 ms.
+pub fn reconnect_delay(attempt: u32, unit: f64) -> Duration {
+    let ceiling = 500f64 * 2f64.powi(attempt.min(16) as i32);
+    let ceiling = ceiling.min(30_000.0);
+    let millis = (ceiling * unit.clamp(0.0, 1.0)).max(100.0);
+    Duration::from_millis(millis as u64)
+}
+
+/// The handle the daemon (or the demo) publishes through. Cheap to clone; never blocks.
+#[derive(Clone)]
+pub struct Link {
+    shared: Arc<Shared>,
+    topics: Topics,
+}
+
+struct Shared {
+    outbox: Mutex<Outbox>,
+    wake: Condvar,
+    connected: AtomicBool,
+    stopping: AtomicBool,
+    dropped: AtomicU64,
+    client: Client,
+}
+
+#[derive(Default)]
+struct Outbox {
+    /// The latest state not yet handed to the client.
+    state: Option<Vec<u8>>,
+    /// The latest state handed over, re-sent after a reconnect.
+    last_state: Option<Vec<u8>>,
+    /// `online` must be (re-)published.
+    announce: bool,
+    queue: VecDeque<(String, Vec<u8>)>,
+}
+
+impl Link {
+    /// Starts the link's threads; `on_event` receives connections, losses and commands (on the
+    /// connection thread: it must not block).
+    pub fn start(
+        config: &MqttConfig,
+        bay_id: &str,
+        on_event: Box<dyn Fn(LinkEvent) + Send>,
+    ) -> Result<Link, LinkError> {
+        let topics = Topics::new(&config.topic_prefix, bay_id);
+        let client_id = format!("capture-kiosk-{}-{:08x}", bay_id, fastrand::u32(..));
+        let mut options = MqttOptions::new(client_id, config.host.clone(), config.port);
+        options.set_keep_alive(Duration::from_secs(10));
+        options.set_clean_session(true);
+        options.set_max_packet_size(64 * 1024, 64 * 1024);
+        options.set_last_will(LastWill::new(topics.status(), "offline", QoS::AtLeastOnce, true));
+        if let Some(user) = &config.username {
+            options.set_credentials(user.clone(), password(config)?.unwrap_or_default());
+        }
+        if config.tls {
+            options.set_transport(Transport::tls_with_config(tls_config(config)?));
+        }
+        let (client, connection) = Client::new(options, 64);
+        let shared = Arc::new(Shared {
+            outbox: Mutex::new(Outbox { announce: true, ..Outbox::default() }),
+            wake: Condvar::new(),
+            connected: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            dropped: AtomicU64::new(0),
+            client,
+        });
+        let link = Link { shared, topics };
+        {
+            let link = link.clone();
+            std::thread::Builder::new()
+                .name("mqtt-connection".to_owned())
+                .spawn(move || link.drive(connection, on_event))
+                .map_err(|e| LinkError::Ca { path: "-".into(), reason: e.to_string() })?;
+        }
+        {
+            let link = link.clone();
+            std::thread::Builder::new()
+                .name("mqtt-publish".to_owned())
+                .spawn(move || link.publish_loop())
+                .map_err(|e| LinkError::Ca { path: "-".into(), reason: e.to_string() })?;
+        }
+        Ok(link)
+    }
+
+    pub fn topics(&self) -> &Topics {
+        &self.topics
+    }
+
+    /// Whether the broker is connected right now.
+    pub fn is_connected(&self) -> bool {
+        self.shared.connected.load(Ordering::SeqCst)
+    }
+
+    /// Events and acks dropped so far because the broker was away or slow.
+    pub fn dropped(&self) -> u64 {
+        self.shared.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Replaces the state to publish (retained); only the latest one is ever sent.
+    pub fn set_state(&self, payload: Vec<u8>) {
+        self.outbox().state = Some(payload);
+        self.shared.wake.notify_all();
+    }
+
+    /// Queues an event; dropped when the broker is away or the queue is full.
+    pub fn event(&self, payload: Vec<u8>) {
+        self.enqueue(self.topics.events(), payload);
+    }
+
+    /// Queues the ack of command `name`.
+    pub fn ack(&self, name: &str, payload: Vec<u8>) {
+        self.enqueue(self.topics.ack(name), payload);
+    }
+
+    /// Publishes retained `offline`, disconnects and waits up to `grace` for it to leave.
+    pub fn stop(&self, grace: Duration) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        self.shared.wake.notify_all();
+        if self.is_connected() {
+            let _ = self.shared.client.try_publish(self.topics.status(), QoS::AtLeastOnce, true, "offline");
+            let _ = self.shared.client.try_disconnect();
+            let deadline = Instant::now() + grace;
+            while self.is_connected() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+
+    fn enqueue(&self, topic: String, payload: Vec<u8>) {
+        if !self.is_connected() {
+            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let mut outbox = self.outbox();
+        if outbox.queue.len() >= OUTBOX_CAPACITY {
+            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        outbox.queue.push_back((topic, payload));
+        drop(outbox);
+        self.shared.wake.notify_all();
+    }
+
+    fn outbox(&self) -> MutexGuard<'_, Outbox> {
+        self.shared.outbox.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The connection thread: polls rumqttc, backs off on errors, re-subscribes on ConnAck.
+    fn drive(&self, mut connection: Connection, on_event: Box<dyn Fn(LinkEvent) + Send>) {
+        let mut failures = 0u32;
+        for notification in connection.iter() {
+            match notification {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    failures = 0;
+                    let _ = self.shared.client.try_subscribe(self.topics.commands(), QoS::AtLeastOnce);
+                    {
+                        let mut outbox = self.outbox();
+                        outbox.announce = true;
+                        outbox.queue.clear();
+                        if outbox.state.is_none() {
+                            outbox.state = outbox.last_state.clone();
+                        }
+                    }
+                    self.shared.connected.store(true, Ordering::SeqCst);
+                    self.shared.wake.notify_all();
+                    log::info!(topic = self.topics.status().as_str(); "MQTT broker connected");
+                    on_event(LinkEvent::Connected);
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let Some(name) = self.topics.command_name(&p.topic) else { continue };
+                    if p.retain {
+                        log::warn!(command = name; "Retained MQTT command ignored");
+                        continue;
+                    }
+                    let payload = if p.payload.len() > MAX_COMMAND_BYTES {
+                        // Left for the parser to refuse with a reason.
+                        p.payload[..MAX_COMMAND_BYTES + 1].to_vec()
+                    } else {
+                        p.payload.to_vec()
+                    };
+                    on_event(LinkEvent::Command(Incoming { name: name.to_owned(), payload }));
+                }
+                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
+                    self.shared.connected.store(false, Ordering::SeqCst);
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let was = self.shared.connected.swap(false, Ordering::SeqCst);
+                    if self.shared.stopping.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let reason = e.to_string();
+                    if was {
+                        log::warn!(reason = reason.as_str(); "MQTT broker connection lost");
+                        on_event(LinkEvent::Disconnected { reason: reason.clone() });
+                    }
+                    let delay = reconnect_delay(failures, fastrand::f64());
+                    failures = failures.saturating_add(1);
+                    log::debug!(reason = reason.as_str(), retry_in_ms = delay.as_millis() as u64; "MQTT connection attempt failed");
+                    std::thread::sleep(delay);
+                }
+            }
+        }
+    }
+
+    /// The publishing thread: hands the outbox to rumqttc while connected.
+    fn publish_loop(&self) {
+        let mut last_state_at: Option<Instant> = None;
+        loop {
+            let mut outbox = self.outbox();
+            loop {
+                if self.shared.stopping.load(Ordering::SeqCst) {
+                    return;
+                }
+                let connected = self.is_connected();
+                let state_due =
+                    outbox.state.is_some() && last_state_at.is_none_or(|t| t.elapsed() >= STATE_MIN_INTERVAL);
+                if connected && (outbox.announce || !outbox.queue.is_empty() || state_due) {
+                    break;
+                }
+                let wait = if connected && outbox.state.is_some() {
+                    STATE_MIN_INTERVAL
+                } else {
+                    Duration::from_millis(500)
+                };
+                outbox = self.shared.wake.wait_timeout(outbox, wait).unwrap_or_else(|p| p.into_inner()).0;
+            }
+            let client = &self.shared.client;
+            if outbox.announce {
+                outbox.announce = false;
+                if client.try_publish(self.topics.status(), QoS::AtLeastOnce, true, "online").is_err() {
+                    outbox.announce = true;
+                }
+            }
+            if outbox.state.is_some() && last_state_at.is_none_or(|t| t.elapsed() >= STATE_MIN_INTERVAL) {
+                if let Some(state) = outbox.state.take() {
+                    match client.try_publish(self.topics.state(), QoS::AtLeastOnce, true, state.clone()) {
+                        Ok(()) => {
+                            outbox.last_state = Some(state);
+                            last_state_at = Some(Instant::now());
+                        }
+                        Err(_) => outbox.state = Some(state),
+                    }
+                }
+            }
+            while let Some((topic, payload)) = outbox.queue.pop_front() {
+                if client.try_publish(topic, QoS::AtLeastOnce, false, payload).is_err() {
+                    self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            drop(outbox);
+            // rumqttc's request queue full: give it a moment rather than spin.
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+fn password(config: &MqttConfig) -> Result<Option<String>, LinkError> {
+    let path = match &config.password_file {
+        Some(p) => p.clone(),
+        None => match std::env::var_os("CREDENTIALS_DIRECTORY") {
+            Some(dir) => std::path::PathBuf::from(dir).join("mqtt-password"),
+            None => return Ok(None),
+        },
+    };
+    if config.password_file.is_none() && !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| LinkError::Password { path: path.display().to_string(), reason: e.to_string() })?;
+    Ok(Some(text.trim_end_matches(['\n', '\r']).to_owned()))
+}
+
+fn tls_config(config: &MqttConfig) -> Result<TlsConfiguration, LinkError> {
+    use rustls_pki_types::pem::PemObject;
+    let Some(ca) = &config.ca_file else {
+        return Err(LinkError::Ca { path: "(none)".into(), reason: "no CA file is configured".into() });
+    };
+    let err = |reason: String| LinkError::Ca { path: ca.display().to_string(), reason };
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = rustls_pki_types::CertificateDer::pem_file_iter(ca).map_err(|e| err(e.to_string()))?;
+    for cert in certs {
+        roots.add(cert.map_err(|e| err(e.to_string()))?).map_err(|e| err(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(err("holds no certificate".into()));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| err(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(TlsConfiguration::Rustls(Arc::new(client)))
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link").field("topics", &self.topics).field("connected", &self.is_connected()).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnect_delay_grows_is_capped_and_never_spins() {
+        assert_eq!(reconnect_delay(0, 1.0), Duration::from_millis(500));
+        assert_eq!(reconnect_delay(3, 1.0), Duration::from_millis(4000));
+        assert_eq!(reconnect_delay(30, 1.0), Duration::from_secs(30));
+        assert_eq!(reconnect_delay(u32::MAX, 1.0), Duration::from_secs(30));
+        for attempt in 0..40 {
+            assert!(reconnect_delay(attempt, 0.0) >= Duration::from_millis(100));
+            assert!(reconnect_delay(attempt, 0.5) <= Duration::from_secs(15));
+        }
+    }
+
+    #[test]
+    fn command_names_come_only_from_command_topics() {
+        let t = Topics::new("capture-kiosk", "bay-07");
+        assert_eq!(t.command_name("capture-kiosk/bay-07/cmd/start"), Some("start"));
+        assert_eq!(t.command_name("capture-kiosk/bay-07/cmd/start/ack"), None);
+        assert_eq!(t.command_name("capture-kiosk/bay-08/cmd/start"), None);
+        assert_eq!(t.command_name("capture-kiosk/bay-07/cmd/"), None);
+        assert_eq!(t.command_name("capture-kiosk/bay-07/state"), None);
+    }
+}
