@@ -978,6 +978,66 @@ angles = ["Rear", "Rear_Left", "Rear_Right", "VIN"]
     }
 
     #[test]
+    fn camera_health_and_device_keys_are_checked_by_name() {
+        let usb = GOOD.replace(
+            "source = \"synthetic:4032x3024\"",
+            "source = \"v4l2:/dev/video0\"\nresolution = \"3840x2160\"\nformat = \"YUYV\"\nkeep_warm = false",
+        );
+        let c = parse(&usb, "test.toml").unwrap();
+        assert_eq!(c.cameras[0].resolution, Some((3840, 2160)));
+        assert_eq!(c.cameras[0].format, Some(crate::capture::PixelFormat::Yuyv));
+        assert!(!c.cameras[0].keep_warm && c.cameras[2].keep_warm);
+        assert!(!c.inspection.refuse_when_camera_offline);
+        assert_eq!(c.inspection.camera_probe_interval, Duration::from_secs(10));
+        check_refused(&usb.replace("3840x2160", "4k"), Some("cameras[0].resolution"), &["WIDTHxHEIGHT"]);
+        check_refused(&usb.replace("\"YUYV\"", "\"h264\""), Some("cameras[0].format"), &["mjpeg"]);
+        let rear = "source = \"http://10.0.0.5/snapshot.jpg\"";
+        check_refused(
+            &GOOD.replace(rear, &format!("{rear}\nresolution = \"640x480\"")),
+            Some("cameras[2].resolution"),
+            &["not v4l2"],
+        );
+        check_refused(
+            &GOOD.replace(rear, &format!("{rear}\nca_file = \"/etc/ca.pem\"")),
+            Some("cameras[2].ca_file"),
+            &["https://"],
+        );
+        check_refused(
+            &GOOD.replace(
+                "source = \"dir:/srv/photos\"",
+                "source = \"dir:/srv/photos\"\ncredentials_file = \"/x\"",
+            ),
+            Some("cameras[1].credentials_file"),
+            &["not http"],
+        );
+        check_refused(
+            &GOOD.replace("10.0.0.5", "admin:pw@10.0.0.5"),
+            Some("cameras[2].source"),
+            &["credentials_file"],
+        );
+        let switches = GOOD.replace(
+            "capture_attempts = 3",
+            "capture_attempts = 3\nrefuse_when_camera_offline = true\ncamera_probe_interval = \"30s\"\nbad_frames_to_offline = 5",
+        );
+        let c = parse(&switches, "test.toml").unwrap();
+        assert!(c.inspection.refuse_when_camera_offline);
+        assert_eq!(
+            (c.inspection.camera_probe_interval, c.inspection.bad_frames_to_offline),
+            (Duration::from_secs(30), 5)
+        );
+        check_refused(
+            &switches.replace("\"30s\"", "\"100ms\""),
+            Some("inspection.camera_probe_interval"),
+            &["out of range"],
+        );
+        check_refused(
+            &switches.replace("= 5", "= 0"),
+            Some("inspection.bad_frames_to_offline"),
+            &["1 to 100"],
+        );
+    }
+
+    #[test]
     fn sizes_parse_in_the_units_people_write() {
         for (text, bytes) in [
             ("8 GiB", 8u64 << 30),
