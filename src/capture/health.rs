@@ -236,8 +236,12 @@ mod tests {
     fn transitions_are_reported_once_each_and_bad_frames_need_a_streak() {
         let m = Monitor::new(&["front", "rear"], Policy { probe_interval: 10 * S, bad_frames_to_offline: 3 });
         let events = m.subscribe();
-        assert_eq!(m.due(0 * S), vec!["front".to_owned(), "rear".to_owned()], "unchecked cameras are due");
-        m.record_ok("front", 0 * S);
+        assert_eq!(
+            m.due(Duration::ZERO),
+            vec!["front".to_owned(), "rear".to_owned()],
+            "unchecked cameras are due"
+        );
+        m.record_ok("front", Duration::ZERO);
         m.record_ok("front", 1 * S);
         assert_eq!(events.try_recv(), Ok(CameraEvent::Online { camera: "front".into() }));
         assert!(events.try_recv().is_err(), "a camera that stays online is reported once");
