@@ -5,12 +5,11 @@
 //!
 //! `cargo bench --bench trigger_to_durable` (add `-- --runs N` for more runs).
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use capture_kiosk::capture::testcam::SnapshotServer;
 use capture_kiosk::capture::{render_scene, Camera, HttpCamera, SyntheticCamera};
 use capture_kiosk::clock::SystemClock;
 use capture_kiosk::imaging::{self, ResizeSpec};
@@ -53,7 +52,7 @@ fn main() {
         .collect();
     report("synthetic cameras", &synthetic);
 
-    // HTTP snapshot cameras: one server thread per camera on 127.0.0.1 serving a 12 MP JPEG.
+    // HTTP snapshot cameras: one commissioning snapshot camera per angle on 127.0.0.1, 12 MP each.
     let frames: Vec<Arc<Vec<u8>>> = angles
         .iter()
         .enumerate()
@@ -61,7 +60,9 @@ fn main() {
             Arc::new(imaging::encode(&render_scene(WIDTH, HEIGHT, *a, i as u64 + 1), 92).expect("encode"))
         })
         .collect();
-    let urls: Vec<String> = frames.iter().map(|f| serve_snapshots(Arc::clone(f))).collect();
+    let servers: Vec<SnapshotServer> =
+        frames.iter().map(|f| SnapshotServer::start(f.to_vec()).expect("snapshot camera")).collect();
+    let urls: Vec<String> = servers.iter().map(SnapshotServer::url).collect();
     let http: Vec<Duration> = (0..runs)
         .map(|run| {
             let cameras = angles
@@ -150,29 +151,4 @@ fn report(what: &str, times: &[Duration]) {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
-}
-
-/// A minimal snapshot camera: answers every GET with the same JPEG.
-fn serve_snapshots(frame: Arc<Vec<u8>>) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let url = format!("http://{}/snapshot.jpg", listener.local_addr().expect("addr"));
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let frame = Arc::clone(&frame);
-            std::thread::spawn(move || {
-                let mut reader = BufReader::new(&stream);
-                let mut line = String::new();
-                while reader.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
-                    if line == "\r\n" {
-                        break;
-                    }
-                    line.clear();
-                }
-                let mut out = &stream;
-                let head = format!("HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", frame.len());
-                let _ = out.write_all(head.as_bytes()).and_then(|_| out.write_all(&frame));
-            });
-        }
-    });
-    url
 }

@@ -13,7 +13,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::capture;
-use crate::clock::SystemClock;
+use crate::clock::{Clock as _, SystemClock};
 use crate::config::{self, ByteSize, Config};
 use crate::demo::{self, DemoOptions};
 use crate::imaging;
@@ -237,6 +237,8 @@ fn inspect(
     let mut rig = Rig::open(&config).context("a camera cannot be opened")?;
     let settings = Settings { capture_attempts: config.inspection.capture_attempts, resize: config.imaging };
     let request = Request { case_id, vehicle, angles };
+    // Knows which cameras are offline before it starts (see inspection.refuse_when_camera_offline).
+    rig.probe_due(SystemClock::new().monotonic());
     let mut display = ProgressDisplay::new(&request.angles, &rig);
     let cancel = AtomicBool::new(false);
     let outcome =
@@ -447,29 +449,46 @@ fn cameras(path: &Path) -> anyhow::Result<u8> {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
+    let clock = SystemClock::new();
     let mut all_ok = true;
+    let mut rig = Rig::open(&config).context("a camera cannot be opened")?;
+    // Every camera is due at the first check: this is the daemon's idle health check, once.
+    rig.probe_due(clock.monotonic());
+    let health = rig.monitor().snapshot(clock.monotonic());
     for c in &config.cameras {
-        let angle = c.angles[0];
-        let result = capture::open(c).and_then(|mut cam| cam.capture(angle));
-        let status = match result {
-            Ok(frame) => match imaging::check_complete(&frame) {
-                Ok(h) => format!(
-                    "reachable, test frame {}x{} ({})",
-                    h.width,
-                    h.height,
-                    ByteSize(frame.len() as u64)
-                ),
-                Err(e) => {
-                    all_ok = false;
-                    format!("reachable, but its frame is bad: {e}")
+        let angles: Vec<&str> = c.angles.iter().map(|a| a.as_str()).collect();
+        let h = health.iter().find(|h| h.camera == c.id);
+        let status = match h {
+            Some(h) if h.status == capture::health::Status::Online => {
+                // Online: one full frame shows what the camera really delivers.
+                match capture::open(c).and_then(|mut cam| cam.capture(c.angles[0])) {
+                    Ok(frame) => match imaging::check_complete(&frame) {
+                        Ok(hd) => format!(
+                            "online, test frame {}x{} ({})",
+                            hd.width,
+                            hd.height,
+                            ByteSize(frame.len() as u64)
+                        ),
+                        Err(e) => {
+                            all_ok = false;
+                            format!("online, but its frame is bad: {e}")
+                        }
+                    },
+                    Err(e) => {
+                        all_ok = false;
+                        format!("online, but the test frame failed: {e}")
+                    }
                 }
-            },
-            Err(e) => {
+            }
+            Some(h) => {
                 all_ok = false;
-                format!("UNREACHABLE: {e}")
+                format!("OFFLINE: {}", h.reason.as_deref().unwrap_or("not reachable"))
+            }
+            None => {
+                all_ok = false;
+                "not checked".to_owned()
             }
         };
-        let angles: Vec<&str> = c.angles.iter().map(|a| a.as_str()).collect();
         println!("{:<12} {:<40} [{}] {status}", c.id, c.source.to_string(), angles.join(","));
     }
     match capture::list_devices() {
@@ -478,6 +497,9 @@ fn cameras(path: &Path) -> anyhow::Result<u8> {
             println!("V4L2 devices on this system:");
             for d in devices {
                 println!("  v4l2:{}  {}  {}", d.index, d.name, d.description);
+                for m in &d.modes {
+                    println!("      {m}");
+                }
             }
         }
         Err(e) => println!("V4L2 devices on this system: cannot be listed: {e}"),

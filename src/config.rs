@@ -105,6 +105,13 @@ pub struct InspectionConfig {
     pub angles: Vec<PhotoLabel>,
     /// Captures of one angle before it is marked failed (first try included).
     pub capture_attempts: u32,
+    /// Refuse an inspection when a camera it needs is offline, instead of capturing the other
+    /// angles and marking the offline camera's angles failed.
+    pub refuse_when_camera_offline: bool,
+    /// How often idle cameras are checked.
+    pub camera_probe_interval: Duration,
+    /// Bad frames in a row that take a camera offline.
+    pub bad_frames_to_offline: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -124,6 +131,16 @@ pub struct CameraConfig {
     pub timeout: Duration,
     /// Largest frame accepted from the source.
     pub max_frame_bytes: u64,
+    /// V4L2: the mode to ask for (`None`: the highest resolution).
+    pub resolution: Option<(u32, u32)>,
+    /// V4L2: the pixel format to ask for (`None`: MJPEG when offered).
+    pub format: Option<crate::capture::PixelFormat>,
+    /// V4L2: keep the stream open between inspections.
+    pub keep_warm: bool,
+    /// HTTP: a file with `user:password` (else the systemd credential `camera-<id>`).
+    pub credentials_file: Option<PathBuf>,
+    /// HTTPS: PEM certificates the camera's certificate must chain to.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -173,6 +190,14 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
             key: "cloud.api_secret_file".to_owned(),
             problem: e.to_string(),
             fix: "the kiosk cannot sign requests without it".to_owned(),
+        })?;
+    }
+    for (i, camera) in config.cameras.iter().enumerate() {
+        crate::capture::check_files(camera).map_err(|(key, problem)| ConfigError::Invalid {
+            path: path.display().to_string(),
+            key: format!("cameras[{i}].{key}"),
+            problem,
+            fix: "the camera cannot be used without it".to_owned(),
         })?;
     }
     prepare_state_dir(&config.state_dir).map_err(|(problem, fix)| ConfigError::Invalid {
@@ -335,11 +360,30 @@ struct RawInspection {
     angles: Vec<String>,
     #[serde(default = "default_attempts")]
     capture_attempts: i64,
+    #[serde(default)]
+    refuse_when_camera_offline: bool,
+    #[serde(default = "default_probe_interval")]
+    camera_probe_interval: String,
+    #[serde(default = "default_bad_frames")]
+    bad_frames_to_offline: i64,
+}
+
+fn default_probe_interval() -> String {
+    "10s".to_owned()
+}
+fn default_bad_frames() -> i64 {
+    3
 }
 
 impl Default for RawInspection {
     fn default() -> Self {
-        RawInspection { angles: default_angles(), capture_attempts: default_attempts() }
+        RawInspection {
+            angles: default_angles(),
+            capture_attempts: default_attempts(),
+            refuse_when_camera_offline: false,
+            camera_probe_interval: default_probe_interval(),
+            bad_frames_to_offline: default_bad_frames(),
+        }
     }
 }
 
@@ -389,6 +433,12 @@ struct RawCamera {
     timeout: String,
     #[serde(default = "default_max_frame")]
     max_frame_bytes: String,
+    resolution: Option<String>,
+    format: Option<String>,
+    #[serde(default = "default_true")]
+    keep_warm: bool,
+    credentials_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
 }
 
 fn default_angles() -> Vec<String> {
@@ -497,6 +547,23 @@ impl RawConfig {
                 "use 1 to 10 (3 is a good start)",
             ));
         }
+        let probe_interval =
+            duration("inspection.camera_probe_interval", &self.inspection.camera_probe_interval)?;
+        if probe_interval < Duration::from_secs(1) || probe_interval > Duration::from_secs(3600) {
+            return Err(invalid(
+                "inspection.camera_probe_interval",
+                format!("{} is out of range", self.inspection.camera_probe_interval),
+                "use between \"1s\" and \"1h\" (\"10s\" is the default)",
+            ));
+        }
+        let bad_frames = self.inspection.bad_frames_to_offline;
+        if !(1..=100).contains(&bad_frames) {
+            return Err(invalid(
+                "inspection.bad_frames_to_offline",
+                format!("{bad_frames} is out of range"),
+                "use 1 to 100 (3 is the default)",
+            ));
+        }
 
         let edge = self.imaging.max_long_edge;
         if !(64..=16384).contains(&edge) {
@@ -594,7 +661,93 @@ impl RawConfig {
                     "use at least \"1 MiB\" (32 MiB is the default)",
                 ));
             }
-            cameras.push(CameraConfig { id: raw.id, source, angles: cam_angles, timeout, max_frame_bytes });
+            let is_v4l2 = matches!(source, CameraSource::V4l2(_));
+            let is_http = matches!(source, CameraSource::Http(_));
+            let resolution = match &raw.resolution {
+                None => None,
+                Some(_) if !is_v4l2 => {
+                    return Err(invalid(
+                        at("resolution"),
+                        "is set for a camera that is not v4l2:",
+                        "remove it; only V4L2 cameras have modes",
+                    ))
+                }
+                Some(text) => {
+                    let parsed = text
+                        .split_once(['x', 'X'])
+                        .and_then(|(w, h)| {
+                            Some((w.trim().parse::<u32>().ok()?, h.trim().parse::<u32>().ok()?))
+                        })
+                        .filter(|(w, h)| (16..=16384).contains(w) && (16..=16384).contains(h));
+                    match parsed {
+                        Some(r) => Some(r),
+                        None => {
+                            return Err(invalid(
+                                at("resolution"),
+                                format!("{text:?} is not WIDTHxHEIGHT"),
+                                "write e.g. \"3840x2160\"; capture-kiosk cameras lists the modes",
+                            ))
+                        }
+                    }
+                }
+            };
+            let format = match &raw.format {
+                None => None,
+                Some(_) if !is_v4l2 => {
+                    return Err(invalid(
+                        at("format"),
+                        "is set for a camera that is not v4l2:",
+                        "remove it; only V4L2 cameras have pixel formats",
+                    ))
+                }
+                Some(text) => match crate::capture::PixelFormat::parse(text) {
+                    Some(f) => Some(f),
+                    None => {
+                        return Err(invalid(
+                            at("format"),
+                            format!("{text:?} is not a known pixel format"),
+                            "use \"mjpeg\", \"yuyv\", \"nv12\" or \"gray\"",
+                        ))
+                    }
+                },
+            };
+            for (key, set) in
+                [("credentials_file", raw.credentials_file.is_some()), ("ca_file", raw.ca_file.is_some())]
+            {
+                if set && !is_http {
+                    return Err(invalid(
+                        at(key),
+                        "is set for a camera that is not http(s)://",
+                        "remove it; only IP cameras take credentials and CA files",
+                    ));
+                }
+            }
+            if raw.ca_file.is_some() && !raw.source.to_ascii_lowercase().starts_with("https://") {
+                return Err(invalid(
+                    at("ca_file"),
+                    "is set but the source is plain http://",
+                    "use an https:// source, or remove ca_file",
+                ));
+            }
+            if is_http && raw.source.contains('@') {
+                return Err(invalid(
+                    at("source"),
+                    "contains credentials",
+                    "remove user:password@ from the URL and put them in credentials_file (mode 600)",
+                ));
+            }
+            cameras.push(CameraConfig {
+                id: raw.id,
+                source,
+                angles: cam_angles,
+                timeout,
+                max_frame_bytes,
+                resolution,
+                format,
+                keep_warm: raw.keep_warm,
+                credentials_file: raw.credentials_file,
+                ca_file: raw.ca_file,
+            });
         }
         if let Some(missing) = angles.iter().find(|a| !owner.contains_key(a)) {
             return Err(invalid(
@@ -621,7 +774,13 @@ impl RawConfig {
             mqtt,
             bay_id: self.bay_id,
             state_dir: self.state_dir,
-            inspection: InspectionConfig { angles, capture_attempts: attempts as u32 },
+            inspection: InspectionConfig {
+                angles,
+                capture_attempts: attempts as u32,
+                refuse_when_camera_offline: self.inspection.refuse_when_camera_offline,
+                camera_probe_interval: probe_interval,
+                bad_frames_to_offline: bad_frames as u32,
+            },
             imaging: ResizeSpec { max_long_edge: edge as u32, jpeg_quality: quality as u8 },
             buffer: BufferConfig { caps: Caps { max_bytes, min_free_disk }, completed_retention },
             cameras,
@@ -1007,6 +1166,66 @@ angles = ["Rear", "Rear_Left", "Rear_Right", "VIN"]
             &(text.clone() + "max_request_bytes = \"100 MiB\"\n"),
             Some("cloud.max_request_bytes"),
             &["64 MiB"],
+        );
+    }
+
+    #[test]
+    fn camera_health_and_device_keys_are_checked_by_name() {
+        let usb = GOOD.replace(
+            "source = \"synthetic:4032x3024\"",
+            "source = \"v4l2:/dev/video0\"\nresolution = \"3840x2160\"\nformat = \"YUYV\"\nkeep_warm = false",
+        );
+        let c = parse(&usb, "test.toml").unwrap();
+        assert_eq!(c.cameras[0].resolution, Some((3840, 2160)));
+        assert_eq!(c.cameras[0].format, Some(crate::capture::PixelFormat::Yuyv));
+        assert!(!c.cameras[0].keep_warm && c.cameras[2].keep_warm);
+        assert!(!c.inspection.refuse_when_camera_offline);
+        assert_eq!(c.inspection.camera_probe_interval, Duration::from_secs(10));
+        check_refused(&usb.replace("3840x2160", "4k"), Some("cameras[0].resolution"), &["WIDTHxHEIGHT"]);
+        check_refused(&usb.replace("\"YUYV\"", "\"h264\""), Some("cameras[0].format"), &["mjpeg"]);
+        let rear = "source = \"http://10.0.0.5/snapshot.jpg\"";
+        check_refused(
+            &GOOD.replace(rear, &format!("{rear}\nresolution = \"640x480\"")),
+            Some("cameras[2].resolution"),
+            &["not v4l2"],
+        );
+        check_refused(
+            &GOOD.replace(rear, &format!("{rear}\nca_file = \"/etc/ca.pem\"")),
+            Some("cameras[2].ca_file"),
+            &["https://"],
+        );
+        check_refused(
+            &GOOD.replace(
+                "source = \"dir:/srv/photos\"",
+                "source = \"dir:/srv/photos\"\ncredentials_file = \"/x\"",
+            ),
+            Some("cameras[1].credentials_file"),
+            &["not http"],
+        );
+        check_refused(
+            &GOOD.replace("10.0.0.5", "admin:pw@10.0.0.5"),
+            Some("cameras[2].source"),
+            &["credentials_file"],
+        );
+        let switches = GOOD.replace(
+            "capture_attempts = 3",
+            "capture_attempts = 3\nrefuse_when_camera_offline = true\ncamera_probe_interval = \"30s\"\nbad_frames_to_offline = 5",
+        );
+        let c = parse(&switches, "test.toml").unwrap();
+        assert!(c.inspection.refuse_when_camera_offline);
+        assert_eq!(
+            (c.inspection.camera_probe_interval, c.inspection.bad_frames_to_offline),
+            (Duration::from_secs(30), 5)
+        );
+        check_refused(
+            &switches.replace("\"30s\"", "\"100ms\""),
+            Some("inspection.camera_probe_interval"),
+            &["out of range"],
+        );
+        check_refused(
+            &switches.replace("= 5", "= 0"),
+            Some("inspection.bad_frames_to_offline"),
+            &["1 to 100"],
         );
     }
 

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
+use crate::capture::health::{self, Failure, Monitor, Status};
 use crate::capture::{self, Camera, CaptureError};
 use crate::clock::Clock;
 use crate::config::Config;
@@ -18,6 +19,8 @@ use crate::vehicle::{CaseId, PhotoLabel, Vehicle};
 /// The bay's cameras, each with the angles it shoots in order.
 pub struct Rig {
     stations: Vec<Station>,
+    monitor: Monitor,
+    refuse_when_offline: bool,
 }
 
 struct Station {
@@ -37,17 +40,59 @@ impl Rig {
                 camera: capture::open(c)?,
             });
         }
-        Ok(Rig { stations })
+        let policy = health::Policy {
+            probe_interval: config.inspection.camera_probe_interval,
+            bad_frames_to_offline: config.inspection.bad_frames_to_offline,
+        };
+        let ids: Vec<&str> = stations.iter().map(|s| s.camera_id.as_str()).collect();
+        let monitor = Monitor::new(&ids, policy);
+        Ok(Rig { stations, monitor, refuse_when_offline: config.inspection.refuse_when_camera_offline })
     }
 
     /// A rig from cameras made elsewhere (tests, benchmarks).
     pub fn from_cameras(cameras: Vec<(String, Vec<PhotoLabel>, Box<dyn Camera>)>) -> Rig {
-        Rig {
-            stations: cameras
-                .into_iter()
-                .map(|(camera_id, angles, camera)| Station { camera_id, angles, camera })
-                .collect(),
+        let stations: Vec<Station> = cameras
+            .into_iter()
+            .map(|(camera_id, angles, camera)| Station { camera_id, angles, camera })
+            .collect();
+        let ids: Vec<&str> = stations.iter().map(|s| s.camera_id.as_str()).collect();
+        let monitor = Monitor::new(&ids, health::Policy::default());
+        Rig { stations, monitor, refuse_when_offline: false }
+    }
+
+    /// Replaces the health policy (a new monitor: earlier subscribers hear nothing more) and
+    /// says whether an inspection that needs an offline camera is refused.
+    pub fn with_health(mut self, policy: health::Policy, refuse_when_offline: bool) -> Rig {
+        let ids: Vec<&str> = self.stations.iter().map(|s| s.camera_id.as_str()).collect();
+        self.monitor = Monitor::new(&ids, policy);
+        self.refuse_when_offline = refuse_when_offline;
+        self
+    }
+
+    /// The cameras' health: subscribe to it for `camera_online` / `camera_offline` and take
+    /// snapshots for `state.cameras`, from any thread.
+    pub fn monitor(&self) -> Monitor {
+        self.monitor.clone()
+    }
+
+    /// Probes, all at once, the cameras whose health check is due at `now` (monotonic, as the
+    /// clock given to [`run`]) and records the results; call it every second or so while idle.
+    /// Returns what was probed. A camera that came back is re-attached by its probe.
+    pub fn probe_due(&mut self, now: Duration) -> Vec<(String, Result<(), CaptureError>)> {
+        let due = self.monitor.due(now);
+        let results: Vec<(String, Result<(), CaptureError>)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = self
+                .stations
+                .iter_mut()
+                .filter(|s| due.contains(&s.camera_id))
+                .map(|s| scope.spawn(move || (s.camera_id.clone(), s.camera.probe())))
+                .collect();
+            handles.into_iter().filter_map(|h| h.join().ok()).collect()
+        });
+        for (camera, result) in &results {
+            self.monitor.record(camera, result, now);
         }
+        results
     }
 
     /// Lets every camera get ready for `angles`, all cameras at once; returns the cameras that
@@ -162,6 +207,10 @@ pub enum InspectionError {
     /// No angle was requested. Nothing was stored.
     #[error("no angle was requested")]
     NoAngles,
+    /// A camera the inspection needs is offline and `refuse_when_camera_offline` is set.
+    /// Nothing was stored.
+    #[error("camera {camera} is offline ({reason}); the inspection is refused because inspection.refuse_when_camera_offline is set: reconnect the camera, or turn the switch off to capture the other angles")]
+    CameraOffline { camera: String, reason: String },
     /// The buffer refused the inspection (a cap) or failed. What was stored before is intact.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -189,6 +238,21 @@ pub fn run(
             return Err(InspectionError::NotCovered(*angle));
         }
     }
+    // Cameras known to be offline are not waited for: their angles fail with the reason, or
+    // the whole inspection is refused before anything is stored.
+    let mut offline: Vec<(String, String)> = Vec::new();
+    for station in &rig.stations {
+        if !station.angles.iter().any(|a| request.angles.contains(a)) {
+            continue;
+        }
+        if let Some((Status::Offline, reason)) = rig.monitor.status(&station.camera_id) {
+            let reason = reason.unwrap_or_else(|| "no reason recorded".to_owned());
+            if rig.refuse_when_offline {
+                return Err(InspectionError::CameraOffline { camera: station.camera_id.clone(), reason });
+            }
+            offline.push((station.camera_id.clone(), reason));
+        }
+    }
 
     let inspection_id = lock(store).begin_inspection(
         &NewInspection {
@@ -207,6 +271,7 @@ pub fn run(
     let mut captured = Vec::new();
     let mut failed = Vec::new();
     let (mut source_bytes, mut stored_bytes) = (0u64, 0u64);
+    let monitor = rig.monitor.clone();
     std::thread::scope(|scope| {
         for station in rig.stations.iter_mut() {
             let angles: Vec<PhotoLabel> =
@@ -214,8 +279,25 @@ pub fn run(
             if angles.is_empty() {
                 continue;
             }
+            if let Some((camera, reason)) = offline.iter().find(|(c, _)| *c == station.camera_id) {
+                let reason = format!("camera {camera} is offline: {reason}");
+                log::warn!(inspection_id = inspection_id.0, camera = camera.as_str(); "Camera offline, its angles fail: {reason}");
+                for angle in angles {
+                    if let Err(e) =
+                        lock(store).record_angle_failure(inspection_id, angle, &reason, clock.wall())
+                    {
+                        log::error!(inspection_id = inspection_id.0, angle = angle.as_str(); "Angle failure not recorded: {e}");
+                    }
+                    let _ = tx.send((
+                        Progress::Failed { angle, camera: camera.clone(), reason: reason.clone() },
+                        0,
+                    ));
+                }
+                continue;
+            }
             let tx = tx.clone();
-            let job = Job { inspection_id, store, settings, clock, cancel, permits: &permits };
+            let job =
+                Job { inspection_id, store, settings, clock, cancel, permits: &permits, monitor: &monitor };
             scope.spawn(move || {
                 for angle in angles {
                     job.shoot(station, angle, &|event| {
@@ -266,6 +348,7 @@ struct Job<'a> {
     clock: &'a dyn Clock,
     cancel: &'a AtomicBool,
     permits: &'a Permits,
+    monitor: &'a Monitor,
 }
 
 impl Job<'_> {
@@ -293,6 +376,12 @@ impl Job<'_> {
                 Ok(raw) => raw,
                 Err(e) => {
                     last_reason = e.to_string();
+                    self.monitor.record_failure(
+                        &camera,
+                        Failure::of(&e),
+                        &last_reason,
+                        self.clock.monotonic(),
+                    );
                     log::warn!(inspection_id = self.inspection_id.0, camera = camera.as_str(), angle = angle.as_str(), attempt = attempt; "Camera gave no frame: {last_reason}");
                     if e.is_retryable() {
                         continue;
@@ -306,9 +395,18 @@ impl Job<'_> {
                 catch_unwind(AssertUnwindSafe(|| imaging::process(&raw, &self.settings.resize)))
             };
             let processed = match processed {
-                Ok(Ok(p)) => p,
+                Ok(Ok(p)) => {
+                    self.monitor.record_ok(&camera, self.clock.monotonic());
+                    p
+                }
                 Ok(Err(e)) => {
                     last_reason = format!("bad frame from camera {camera}: {e}");
+                    self.monitor.record_failure(
+                        &camera,
+                        Failure::BadFrame,
+                        &e.to_string(),
+                        self.clock.monotonic(),
+                    );
                     log::warn!(inspection_id = self.inspection_id.0, camera = camera.as_str(), angle = angle.as_str(), attempt = attempt; "Frame refused: {e}");
                     if e.is_retryable() {
                         continue;
@@ -318,6 +416,12 @@ impl Job<'_> {
                 }
                 Err(_) => {
                     last_reason = format!("bad frame from camera {camera}: the JPEG decoder failed on it");
+                    self.monitor.record_failure(
+                        &camera,
+                        Failure::BadFrame,
+                        &last_reason,
+                        self.clock.monotonic(),
+                    );
                     continue;
                 }
             };

@@ -274,6 +274,52 @@ fn start_runs_from_inspection_started_to_inspection_uploaded() {
 }
 
 #[test]
+fn a_camera_that_goes_away_is_reported_offline_then_online_again() {
+    use capture_kiosk::capture::testcam::{Behaviour, SnapshotServer};
+    let broker = Broker::start();
+    let camera = SnapshotServer::start(support::jpeg(7, 60)).unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let text = format!(
+        r#"
+bay_id = "bay-t"
+state_dir = "{}"
+
+[inspection]
+angles = ["Front"]
+camera_probe_interval = "1s"
+
+[[cameras]]
+id = "ipcam"
+source = "{}"
+angles = ["Front"]
+timeout = "1s"
+
+[mqtt]
+url = "{}"
+"#,
+        state.path().display(),
+        camera.url(),
+        broker.url()
+    );
+    let config = config::parse(&text, "t").unwrap();
+    let daemon = start_daemon(config, Notifier::none(), None, Hooks::default());
+    let mut w = Watcher::connect(&broker);
+    w.wait_json("state", |v| v["cameras"]["ipcam"]["status"] == "online");
+    camera.set_behaviour(Behaviour::Off);
+    let offline = w.event("camera_offline");
+    assert_eq!(offline["camera"], "ipcam");
+    assert!(offline["reason"].as_str().is_some_and(|r| !r.is_empty()), "{offline}");
+    w.wait_json("state", |v| v["cameras"]["ipcam"]["status"] == "offline");
+    camera.set_behaviour(Behaviour::Serve);
+    assert_eq!(w.event("camera_online")["camera"], "ipcam");
+    // The next inspection uses it again.
+    let ack = w.command("start", r#"{"command_id":"cam-1","case_id":"CASE-CAM"}"#);
+    assert_eq!(ack["status"], "accepted", "{ack}");
+    assert_eq!(w.event("inspection_captured")["images"], 1);
+    stop(daemon);
+}
+
+#[test]
 fn status_state_events_and_every_command_answered() {
     let broker = Broker::start();
     let state = tempfile::tempdir().unwrap();

@@ -1,46 +1,240 @@
 //! `http://…` / `https://…`: an IP camera's snapshot URL, where one GET returns one JPEG.
 //! Every request has a deadline and the body a size cap, so a hung or hostile camera can
-//! neither stall an inspection nor exhaust memory.
+//! neither stall an inspection nor exhaust memory. Cameras that ask for credentials get Basic
+//! or Digest (RFC 7616, MD5 or SHA-256) answers; a Digest nonce is reused with a rising counter
+//! so that a capture costs one request, not two.
 
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
+use super::digest::Challenge;
 use super::{redact_url, Camera, CaptureError};
 use crate::vehicle::PhotoLabel;
+
+/// A camera's user and password. The password never appears in `Debug` output or messages.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub user: String,
+    password: String,
+    /// Where they came from, for messages.
+    pub origin: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Credentials {{ user: {:?}, password: ***, origin: {:?} }}", self.user, self.origin)
+    }
+}
+
+impl Credentials {
+    pub fn new(user: &str, password: &str, origin: &str) -> Credentials {
+        Credentials { user: user.to_owned(), password: password.to_owned(), origin: origin.to_owned() }
+    }
+
+    /// The credentials of camera `id`: `file` when configured, else the systemd credential
+    /// `camera-<id>` in `credentials_dir` (`$CREDENTIALS_DIRECTORY`) when it exists, else none.
+    /// The file holds one line `user:password` and must be readable by its owner only.
+    pub fn load(
+        id: &str,
+        file: Option<&Path>,
+        credentials_dir: Option<&Path>,
+    ) -> Result<Option<Credentials>, String> {
+        let path: PathBuf = match (file, credentials_dir) {
+            (Some(f), _) => f.to_owned(),
+            (None, Some(dir)) if dir.join(format!("camera-{id}")).is_file() => {
+                dir.join(format!("camera-{id}"))
+            }
+            _ => return Ok(None),
+        };
+        let shown = path.display().to_string();
+        let meta = std::fs::metadata(&path).map_err(|e| {
+            format!("credentials file {shown} cannot be read: {e}; create it with one line user:password")
+        })?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            // A systemd credential directory is already private to the service.
+            let mode = meta.permissions().mode();
+            if file.is_some() && mode & 0o077 != 0 {
+                return Err(format!(
+                    "credentials file {shown} is readable by others (mode {:o}); run chmod 600 {shown}",
+                    mode & 0o777
+                ));
+            }
+        }
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| format!("credentials file {shown} cannot be read: {e}"))?;
+        let line = text.lines().next().unwrap_or("").trim_end_matches('\r');
+        match line.split_once(':') {
+            Some((user, password)) if !user.is_empty() && !password.is_empty() => {
+                Ok(Some(Credentials::new(user, password, &shown)))
+            }
+            _ => Err(format!(
+                "credentials file {shown} does not hold a line user:password; write it as admin:secret"
+            )),
+        }
+    }
+}
+
+/// Reads PEM certificates that the camera's HTTPS certificate must chain to.
+pub fn load_ca_file(path: &Path) -> Result<Vec<ureq::tls::Certificate<'static>>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("CA file {} cannot be read: {e}", path.display()))?;
+    let certs: Vec<_> = ureq::tls::parse_pem(&pem)
+        .filter_map(|item| match item {
+            Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c)),
+            Ok(_) => None,
+            Err(e) => Some(Err(e)),
+        })
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("CA file {} is not valid PEM: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "CA file {} holds no certificate; give the PEM file of the camera's CA",
+            path.display()
+        ));
+    }
+    Ok(certs)
+}
+
+enum Scheme {
+    /// No challenge seen yet: requests go without credentials.
+    Unknown,
+    Basic,
+    Digest {
+        challenge: Challenge,
+        nc: u32,
+    },
+}
 
 pub struct HttpCamera {
     id: String,
     url: String,
     max_frame_bytes: u64,
     agent: ureq::Agent,
+    credentials: Option<Credentials>,
+    scheme: Scheme,
 }
 
 impl HttpCamera {
     pub fn new(id: &str, url: &str, timeout: Duration, max_frame_bytes: u64) -> HttpCamera {
-        let agent = ureq::Agent::config_builder()
-            .timeout_global(Some(timeout))
-            .http_status_as_error(false)
-            .user_agent(concat!("capture-kiosk/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .into();
-        HttpCamera { id: id.to_owned(), url: url.to_owned(), max_frame_bytes, agent }
+        HttpCamera {
+            id: id.to_owned(),
+            url: url.to_owned(),
+            max_frame_bytes,
+            agent: agent(timeout, None),
+            credentials: None,
+            scheme: Scheme::Unknown,
+        }
+    }
+
+    pub fn with_credentials(mut self, credentials: Option<Credentials>) -> HttpCamera {
+        self.credentials = credentials;
+        self
+    }
+
+    /// Trusts only `certs` for HTTPS (a bay camera's own CA or self-signed certificate).
+    pub fn with_ca_certs(
+        mut self,
+        certs: Vec<ureq::tls::Certificate<'static>>,
+        timeout: Duration,
+    ) -> HttpCamera {
+        self.agent = agent(timeout, Some(certs));
+        self
     }
 
     fn unreachable(&self, reason: String) -> CaptureError {
         CaptureError::Unreachable { camera: self.id.clone(), source_desc: redact_url(&self.url), reason }
     }
+
+    fn no_frame(&self, reason: String) -> CaptureError {
+        CaptureError::NoFrame { camera: self.id.clone(), source_desc: redact_url(&self.url), reason }
+    }
+
+    fn too_large(&self) -> CaptureError {
+        CaptureError::TooLarge {
+            camera: self.id.clone(),
+            source_desc: redact_url(&self.url),
+            limit: self.max_frame_bytes,
+        }
+    }
+
+    fn authorization(&mut self) -> Option<String> {
+        let creds = self.credentials.as_ref()?;
+        match &mut self.scheme {
+            Scheme::Unknown => None,
+            Scheme::Basic => Some(format!(
+                "Basic {}",
+                super::testcam::base64(format!("{}:{}", creds.user, creds.password).as_bytes())
+            )),
+            Scheme::Digest { challenge, nc } => {
+                *nc += 1;
+                let uri = request_uri(&self.url);
+                let cnonce = format!("{:016x}", fastrand::u64(..));
+                Some(challenge.authorization(&creds.user, &creds.password, "GET", &uri, *nc, &cnonce))
+            }
+        }
+    }
+
+    /// One GET answered with 200, after at most one credentials round trip.
+    fn get(&mut self) -> Result<ureq::http::Response<ureq::Body>, CaptureError> {
+        for _round in 0..3 {
+            let mut request = self.agent.get(&self.url);
+            let sent_auth = self.authorization();
+            if let Some(h) = &sent_auth {
+                request = request.header("Authorization", h);
+            }
+            let response = request.call().map_err(|e| self.unreachable(describe(&e)))?;
+            let status = response.status().as_u16();
+            if status == 200 {
+                return Ok(response);
+            }
+            if status != 401 {
+                return Err(self.no_frame(format!("HTTP status {status}")));
+            }
+            let Some(creds) = &self.credentials else {
+                return Err(self.no_frame(
+                    "HTTP status 401: the camera asks for credentials; set credentials_file for it"
+                        .to_owned(),
+                ));
+            };
+            let refused = || {
+                format!(
+                    "HTTP status 401: the camera refused the credentials of user {:?} from {}; check user and password",
+                    creds.user, creds.origin
+                )
+            };
+            let offered: Vec<&str> = response
+                .headers()
+                .get_all("www-authenticate")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            if let Some(challenge) = Challenge::pick(offered.iter().copied()) {
+                if sent_auth.is_some() && matches!(self.scheme, Scheme::Digest { .. }) && !challenge.stale {
+                    return Err(self.no_frame(refused()));
+                }
+                self.scheme = Scheme::Digest { challenge, nc: 0 };
+            } else if offered.iter().any(|h| h.trim_start().to_ascii_lowercase().starts_with("basic")) {
+                if sent_auth.is_some() && matches!(self.scheme, Scheme::Basic) {
+                    return Err(self.no_frame(refused()));
+                }
+                self.scheme = Scheme::Basic;
+            } else {
+                return Err(self.no_frame(format!(
+                    "HTTP status 401 with no authentication scheme this kiosk speaks (offered: {}); set the camera to Basic or Digest (qop=auth, MD5 or SHA-256)",
+                    offered.iter().map(|h| h.split(' ').next().unwrap_or("")).collect::<Vec<_>>().join(", ")
+                )));
+            }
+        }
+        Err(self.no_frame("HTTP status 401 after answering the camera's challenge".to_owned()))
+    }
 }
 
 impl Camera for HttpCamera {
     fn capture(&mut self, _angle: PhotoLabel) -> Result<Vec<u8>, CaptureError> {
-        let mut response = self.agent.get(&self.url).call().map_err(|e| self.unreachable(describe(&e)))?;
-        let status = response.status().as_u16();
-        if status != 200 {
-            return Err(CaptureError::NoFrame {
-                camera: self.id.clone(),
-                source_desc: redact_url(&self.url),
-                reason: format!("HTTP status {status}"),
-            });
-        }
+        let mut response = self.get()?;
         // One byte over the cap is enough to know the frame is too large.
         match response.body_mut().with_config().limit(self.max_frame_bytes.saturating_add(1)).read_to_vec() {
             Ok(body) if body.len() as u64 > self.max_frame_bytes => Err(self.too_large()),
@@ -49,15 +243,43 @@ impl Camera for HttpCamera {
             Err(e) => Err(self.unreachable(format!("the frame was cut off: {}", describe(&e)))),
         }
     }
+
+    /// Asks for a snapshot but reads only its first bytes: the camera answers, with a JPEG.
+    fn probe(&mut self) -> Result<(), CaptureError> {
+        let mut response = self.get()?;
+        let mut head = [0u8; 3];
+        let mut reader = response.body_mut().as_reader();
+        reader.read_exact(&mut head).map_err(|e| self.unreachable(format!("the answer was cut off: {e}")))?;
+        if head != [0xFF, 0xD8, 0xFF] {
+            return Err(
+                self.no_frame(format!("the answer is not a JPEG (it starts with {})", hex::encode(head)))
+            );
+        }
+        Ok(())
+    }
 }
 
-impl HttpCamera {
-    fn too_large(&self) -> CaptureError {
-        CaptureError::TooLarge {
-            camera: self.id.clone(),
-            source_desc: redact_url(&self.url),
-            limit: self.max_frame_bytes,
-        }
+fn agent(timeout: Duration, ca: Option<Vec<ureq::tls::Certificate<'static>>>) -> ureq::Agent {
+    let mut config = ureq::Agent::config_builder()
+        .timeout_global(Some(timeout))
+        .http_status_as_error(false)
+        .user_agent(concat!("capture-kiosk/", env!("CARGO_PKG_VERSION")));
+    if let Some(certs) = ca {
+        config = config.tls_config(
+            ureq::tls::TlsConfig::builder()
+                .root_certs(ureq::tls::RootCerts::Specific(Arc::new(certs)))
+                .build(),
+        );
+    }
+    config.build().into()
+}
+
+/// The request target of `url` (path and query), as Digest signs it.
+fn request_uri(url: &str) -> String {
+    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
+    match rest.find('/') {
+        Some(i) => rest[i..].split('#').next().unwrap_or("/").to_owned(),
+        None => "/".to_owned(),
     }
 }
 
@@ -65,5 +287,37 @@ fn describe(e: &ureq::Error) -> String {
     match e {
         ureq::Error::Timeout(_) => "no answer before the camera's timeout".to_owned(),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_signed_uri_is_the_path_and_query() {
+        assert_eq!(request_uri("http://cam:8080/cgi-bin/snap.cgi?ch=1#x"), "/cgi-bin/snap.cgi?ch=1");
+        assert_eq!(request_uri("http://cam"), "/");
+    }
+
+    #[test]
+    fn credentials_files_must_be_private_and_well_formed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cam");
+        std::fs::write(&file, "admin:s3cret-pw\n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = Credentials::load("front", Some(&file), None).unwrap_err();
+        assert!(err.contains("chmod 600") && !err.contains("s3cret"), "{err}");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let c = Credentials::load("front", Some(&file), None).unwrap().unwrap();
+        assert_eq!(c.user, "admin");
+        assert!(!format!("{c:?}").contains("s3cret"));
+        std::fs::write(&file, "no-colon\n").unwrap();
+        assert!(Credentials::load("front", Some(&file), None).unwrap_err().contains("user:password"));
+        // The systemd credential is found by the camera's id, and its absence is no error.
+        std::fs::write(dir.path().join("camera-rear"), "op:pw").unwrap();
+        assert_eq!(Credentials::load("rear", None, Some(dir.path())).unwrap().unwrap().user, "op");
+        assert_eq!(Credentials::load("side", None, Some(dir.path())).unwrap(), None);
     }
 }

@@ -2,9 +2,12 @@
 //! configuration, and opening a camera from its configuration. A camera is blocking and owned
 //! by one thread at a time; it returns raw frames and knows nothing about resizing or storage.
 
+pub mod digest;
 mod directory;
+pub mod health;
 mod http;
 mod synthetic;
+pub mod testcam;
 mod v4l2;
 
 use std::path::PathBuf;
@@ -13,9 +16,9 @@ use crate::config::CameraConfig;
 use crate::vehicle::PhotoLabel;
 
 pub use directory::DirectoryCamera;
-pub use http::HttpCamera;
+pub use http::{load_ca_file, Credentials, HttpCamera};
 pub use synthetic::{render_scene, SyntheticCamera};
-pub use v4l2::{list_devices, V4l2Camera, VideoDevice};
+pub use v4l2::{list_devices, V4l2Camera, V4l2Options, VideoDevice, VideoMode};
 
 /// A source of JPEG frames. `capture` blocks until a frame arrives or the camera's deadline
 /// passes. Implementations that wrap a `!Send` device run it on a thread of their own.
@@ -27,6 +30,33 @@ pub trait Camera: Send {
     /// the time from a trigger to a frame is the camera's frame interval, not its start-up.
     fn warm_up(&mut self, _angles: &[PhotoLabel]) -> Result<(), CaptureError> {
         Ok(())
+    }
+
+    /// A cheap check, while idle, that the camera is there and answering; reattaches a camera
+    /// that came back. No full-resolution capture where the source allows it.
+    fn probe(&mut self) -> Result<(), CaptureError> {
+        Ok(())
+    }
+}
+
+/// A V4L2 pixel format a camera can be asked for (`format` in the configuration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PixelFormat {
+    Mjpeg,
+    Yuyv,
+    Nv12,
+    Gray,
+}
+
+impl PixelFormat {
+    pub fn parse(text: &str) -> Option<PixelFormat> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "mjpeg" | "mjpg" | "jpeg" => Some(PixelFormat::Mjpeg),
+            "yuyv" | "yuy2" => Some(PixelFormat::Yuyv),
+            "nv12" => Some(PixelFormat::Nv12),
+            "gray" | "grey" => Some(PixelFormat::Gray),
+            _ => None,
+        }
     }
 }
 
@@ -119,6 +149,9 @@ pub enum CaptureError {
     /// The frame is larger than `max_frame_bytes`.
     #[error("camera {camera}: frame from {source_desc} is larger than the {limit}-byte cap; raise max_frame_bytes if the camera really sends such frames")]
     TooLarge { camera: String, source_desc: String, limit: u64 },
+    /// The camera's configuration cannot work (credentials or CA file). Not retryable.
+    #[error("camera {camera} cannot be set up: {problem}")]
+    Setup { camera: String, problem: String },
     /// The camera is not configured for this angle.
     #[error("camera {camera} does not shoot {angle}")]
     WrongAngle { camera: String, angle: PhotoLabel },
@@ -143,10 +176,47 @@ pub fn open(config: &CameraConfig) -> Result<Box<dyn Camera>, CaptureError> {
         }
         CameraSource::Directory(dir) => Box::new(DirectoryCamera::new(&config.id, dir.clone())),
         CameraSource::Http(url) => {
-            Box::new(HttpCamera::new(&config.id, url, config.timeout, config.max_frame_bytes))
+            let setup =
+                |(_, problem): (&str, String)| CaptureError::Setup { camera: config.id.clone(), problem };
+            let (credentials, ca) = http_files(config).map_err(setup)?;
+            let camera = HttpCamera::new(&config.id, url, config.timeout, config.max_frame_bytes)
+                .with_credentials(credentials);
+            match ca {
+                Some(certs) => Box::new(camera.with_ca_certs(certs, config.timeout)),
+                None => Box::new(camera),
+            }
         }
-        CameraSource::V4l2(device) => Box::new(V4l2Camera::open(&config.id, device, config.timeout)?),
+        CameraSource::V4l2(device) => Box::new(V4l2Camera::open(
+            &config.id,
+            device,
+            V4l2Options {
+                timeout: config.timeout,
+                resolution: config.resolution,
+                format: config.format,
+                keep_warm: config.keep_warm,
+            },
+        )?),
     })
+}
+
+type HttpFiles = (Option<Credentials>, Option<Vec<ureq::tls::Certificate<'static>>>);
+
+fn http_files(config: &CameraConfig) -> Result<HttpFiles, (&'static str, String)> {
+    let credentials_dir = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+    let credentials =
+        Credentials::load(&config.id, config.credentials_file.as_deref(), credentials_dir.as_deref())
+            .map_err(|e| ("credentials_file", e))?;
+    let ca = config.ca_file.as_deref().map(load_ca_file).transpose().map_err(|e| ("ca_file", e))?;
+    Ok((credentials, ca))
+}
+
+/// Reads the files a camera's configuration names (credentials, CA), for `check`: returns the
+/// key and the problem when one cannot be used.
+pub fn check_files(config: &CameraConfig) -> Result<(), (&'static str, String)> {
+    if matches!(config.source, CameraSource::Http(_)) {
+        http_files(config)?;
+    }
+    Ok(())
 }
 
 /// A URL with any `user:password@` removed, for messages and logs.

@@ -47,8 +47,13 @@ pub enum Event {
     Signal(Signal),
     Mqtt(LinkEvent),
     Capture(Progress),
-    CaptureDone { command_id: Option<String>, result: Result<(InspectionId, InspectionState), String> },
+    CaptureDone {
+        command_id: Option<String>,
+        result: Result<(InspectionId, InspectionState), String>,
+    },
     Upload(UploadEvent),
+    /// A camera went offline or came back (from the rig's health monitor).
+    Camera(crate::capture::health::CameraEvent),
 }
 
 /// The signals the daemon handles.
@@ -130,10 +135,20 @@ pub fn start(config: Config, deps: Deps) -> anyhow::Result<Daemon> {
     let beats = Beats::new(clock.monotonic());
     let cancel = Arc::new(AtomicBool::new(false));
     let (jobs, job_inbox) = mpsc::channel::<Job>();
+    let monitor = deps.rig.monitor();
     let capture = {
         let (store, events, clock, cancel, beats, hooks) =
             (store.clone(), events.clone(), clock.clone(), cancel.clone(), beats.clone(), deps.hooks.clone());
         let mut rig = deps.rig;
+        let camera_events = rig.monitor().subscribe();
+        let forward = events.clone();
+        std::thread::Builder::new().name("camera-health".to_owned()).spawn(move || {
+            for event in camera_events {
+                if forward.send(Event::Camera(event)).is_err() {
+                    return;
+                }
+            }
+        })?;
         std::thread::Builder::new().name("capture".to_owned()).spawn(move || {
             capture_loop(&mut rig, &store, &job_inbox, &events, clock.as_ref(), &cancel, &beats, &hooks)
         })?
@@ -152,6 +167,7 @@ pub fn start(config: Config, deps: Deps) -> anyhow::Result<Daemon> {
     let boot_id = format!("{:016x}", fastrand::u64(..));
     let mut supervisor = Supervisor {
         config,
+        monitor,
         store,
         link,
         clock: clock.clone(),
@@ -222,6 +238,8 @@ struct Running {
 
 struct Supervisor {
     config: Config,
+    /// The cameras' health, shared with the rig on the capture thread.
+    monitor: crate::capture::health::Monitor,
     store: Arc<Mutex<Store>>,
     link: Option<Link>,
     clock: Arc<dyn Clock>,
@@ -273,6 +291,7 @@ impl Supervisor {
             Event::Capture(progress) => self.capture_progress(progress),
             Event::CaptureDone { command_id, result } => self.capture_done(command_id, result),
             Event::Upload(event) => self.upload_event(event),
+            Event::Camera(event) => self.camera_event(event),
         }
     }
 
@@ -540,6 +559,19 @@ impl Supervisor {
         self.publish_state(false);
     }
 
+    fn camera_event(&mut self, event: crate::capture::health::CameraEvent) {
+        use crate::capture::health::CameraEvent;
+        match event {
+            CameraEvent::Offline { camera, reason } => {
+                self.emit(json!({"type": "camera_offline", "camera": camera, "reason": reason}));
+            }
+            CameraEvent::Online { camera } => {
+                self.emit(json!({"type": "camera_online", "camera": camera}));
+            }
+        }
+        self.publish_state(false);
+    }
+
     fn upload_event(&mut self, event: UploadEvent) {
         let now = rfc3339_seconds(self.clock.wall());
         match event {
@@ -625,11 +657,23 @@ impl Supervisor {
         let inspection = self.running.as_ref().map(|r| {
             json!({"inspection_id": r.inspection_id, "case_id": r.case_id, "angles": r.angles, "done": r.done})
         });
+        let health = self.monitor.snapshot(self.clock.monotonic());
         let cameras: serde_json::Map<String, Value> = self
             .config
             .cameras
             .iter()
-            .map(|c| (c.id.clone(), json!({"status": self.cameras.get(&c.id).copied().unwrap_or("unknown")})))
+            .map(|c| {
+                let h = health.iter().find(|h| h.camera == c.id);
+                let status = h
+                    .and_then(|h| serde_json::to_value(h.status).ok())
+                    .unwrap_or_else(|| json!(self.cameras.get(&c.id).copied().unwrap_or("unknown")));
+                let mut v = json!({"status": status});
+                if let Some(h) = h {
+                    v["last_frame_age_s"] = json!(h.last_frame_age_s);
+                    v["reason"] = json!(h.reason);
+                }
+                (c.id.clone(), v)
+            })
             .collect();
         let lifecycle = if full || totals.is_err() { "alert" } else { "ready" };
         let body = json!({
@@ -645,8 +689,15 @@ impl Supervisor {
         let changed = self.last_state.as_ref().is_none_or(|last| {
             let mut a = last.clone();
             let mut b = body.clone();
-            a["buffer"]["disk_free_bytes"] = Value::Null;
-            b["buffer"]["disk_free_bytes"] = Value::Null;
+            for v in [&mut a, &mut b] {
+                v["buffer"]["disk_free_bytes"] = Value::Null;
+                // Frame ages grow every second; they ride along, not a change.
+                if let Some(cams) = v["cameras"].as_object_mut() {
+                    for cam in cams.values_mut() {
+                        cam["last_frame_age_s"] = Value::Null;
+                    }
+                }
+            }
             a != b
         });
         if !(changed || force) {
@@ -772,7 +823,12 @@ fn capture_loop(
         beats.beat(CAPTURE_LOOP, clock.monotonic());
         let job = match jobs.recv_timeout(BEAT) {
             Ok(job) => job,
-            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                // Idle: the cheap health checks that are due; a camera that came back is
+                // re-attached here.
+                rig.probe_due(clock.monotonic());
+                continue;
+            }
             Err(mpsc::RecvTimeoutError::Disconnected) => return,
         };
         let result = inspection::run(rig, store, &job.request, &job.settings, clock, cancel, &mut |p| {
