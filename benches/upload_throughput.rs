@@ -5,14 +5,15 @@
 //! `cargo bench --bench upload_throughput` (add `-- --inspections N`; default 12). Run without
 //! `--bench` (as `cargo test --all-targets` does) it makes one small pass to prove it works.
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use capture_kiosk::clock::{Clock, SystemClock};
-use capture_kiosk::config::CloudConfig;
 use capture_kiosk::standin::{StandIn, StandInConfig};
 use capture_kiosk::store::{Caps, NewImage, NewInspection, Store};
 use capture_kiosk::upload::credentials::Secret;
@@ -38,22 +39,11 @@ fn main() {
     let account = StandInConfig::default();
     let standin = StandIn::start(account.clone(), clock.clone()).expect("stand-in");
     let dir = tempfile::tempdir().unwrap();
-    let secret_path = dir.path().join("api-secret");
-    std::fs::write(&secret_path, &account.api_secret).unwrap();
-    std::fs::set_permissions(&secret_path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let cloud = CloudConfig {
-        base_url: standin.base_url(),
-        username: account.username.clone(),
-        api_key: account.api_key.clone(),
-        client_id: "BENCH".to_owned(),
-        api_secret_file: Some(secret_path),
-        max_request_bytes: 32 << 20,
-        request_timeout: Duration::from_secs(60),
-        require_clock_sync: true,
-    };
+    let mut cloud = support::cloud(&standin.base_url(), &support::secret_file(dir.path(), &account));
+    cloud.request_timeout = Duration::from_secs(60);
 
     // The same images for both: eight camera-like JPEGs per inspection.
-    let images: Vec<Vec<u8>> = (0..8).map(|i| noise_jpeg(i, kib)).collect();
+    let images: Vec<Vec<u8>> = (0..8).map(|i| support::jpeg(i, kib)).collect();
     let per_inspection: u64 = images.iter().map(|j| j.len() as u64).sum();
     let total = per_inspection * inspections as u64;
     println!(
@@ -163,18 +153,4 @@ fn main() {
     let completed = standin.sessions().iter().filter(|s| s.completed).count();
     assert_eq!(completed, 2 * inspections, "every session of both runs completed");
     standin.stop();
-}
-
-/// A JPEG of about `kib` KiB that compresses like a camera frame (noise on a gradient).
-fn noise_jpeg(seed: u64, kib: usize) -> Vec<u8> {
-    let mut rng = fastrand::Rng::with_seed(seed);
-    let width = (((kib * 1024) as f64 / 2.2) * 4.0 / 3.0).sqrt().max(16.0) as u32;
-    let height = (width * 3 / 4).max(16);
-    let img = image::RgbImage::from_fn(width, height, |x, y| {
-        let base = ((x + y) % 256) as u8;
-        image::Rgb([base.wrapping_add(rng.u8(..)), rng.u8(..), base ^ rng.u8(..)])
-    });
-    let mut out = Vec::new();
-    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90).encode_image(&img).unwrap();
-    out
 }

@@ -78,11 +78,11 @@ impl CloudLeg {
         Ok(Some(CloudLeg { uploader, store }))
     }
 
-    fn translate(&self, event: Event) -> Option<UploadEvent> {
+    fn translate(&self, event: Event) -> UploadEvent {
         let case_of = |id: InspectionId| {
             self.store.inspection(id).ok().flatten().map(|i| i.case_id).unwrap_or_default()
         };
-        Some(match event {
+        match event {
             Event::Started { id, case_id } => UploadEvent::Started { inspection_id: id.0, case_id },
             Event::Sent { id, bytes, .. } => {
                 let total = self.store.inspection(id).ok().flatten().map_or(0, |i| i.images);
@@ -109,7 +109,7 @@ impl CloudLeg {
                 clock_trusted: link.clock.may_sign(),
                 detail: link.last_error,
             },
-        })
+        }
     }
 }
 
@@ -118,9 +118,7 @@ impl UploadLeg for CloudLeg {
         let mut happened = Vec::new();
         let next = self.uploader.pump(&mut self.store, &mut |e| happened.push(e));
         for event in happened {
-            if let Some(e) = self.translate(event) {
-                events(e);
-            }
+            events(self.translate(event));
         }
         match next {
             Pump::Progress => Duration::ZERO,

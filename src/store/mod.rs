@@ -616,13 +616,8 @@ impl Store {
 
     /// The vehicle given when the inspection began, if any.
     pub fn vehicle(&self, id: InspectionId) -> Result<Option<Vehicle>, StoreError> {
-        let json: Option<Option<String>> = self
-            .conn
-            .query_row("SELECT vehicle FROM inspections WHERE id = ?1", [id.0], |r| r.get(0))
-            .optional()
-            .map_err(|e| sqlite_error(&self.path, e))?;
-        let json = json.ok_or_else(|| StoreError::UnknownInspection { path: self.path.clone(), id })?;
-        json.map(|j| serde_json::from_str(&j).map_err(|e| self.unreadable(id, format!("vehicle JSON: {e}"))))
+        self.vehicle_json(id)?
+            .map(|v| serde_json::from_value(v).map_err(|e| self.unreadable(id, format!("vehicle JSON: {e}"))))
             .transpose()
     }
 

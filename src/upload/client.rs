@@ -406,7 +406,7 @@ fn malformed(what: &str, why: &str) -> Failure {
     Failure { verdict: Verdict::Backoff, detail: format!("{what}: {why}"), missing: Vec::new() }
 }
 
-/// A timestamp for log lines and `queue`: when the kiosk last heard the cloud's clock.
+/// The kiosk's clock against the cloud's, in words for log lines and `queue`.
 pub fn describe_trust(trust: ClockTrust) -> String {
     match trust {
         ClockTrust::Unknown => "not yet compared with the cloud's".to_owned(),
