@@ -81,23 +81,29 @@ fn main() {
         .collect();
     report("HTTP snapshot cameras on loopback", &http);
 
-    // Where one frame's time goes, single-threaded.
+    // Where one frame's time goes on the capture path, single-threaded.
     let raw = &frames[0];
     let t = Instant::now();
-    let decoded = imaging::decode(raw).expect("decode");
+    let header = imaging::check_complete(raw).expect("complete");
+    let (w, h) = imaging::fit(header.width, header.height, settings.resize.max_long_edge);
+    let eighths = imaging::decode_scale(header.width, header.height, w, h);
+    let decoded = imaging::decode_at(raw, eighths).expect("decode");
     let decode = t.elapsed();
+    let (dw, dh) = decoded.image.dimensions();
     let t = Instant::now();
     let upright = imaging::orient(decoded.image, decoded.orientation);
-    let (w, h) = imaging::fit(upright.width(), upright.height(), 1920);
     let small = imaging::resize(&upright, w, h).expect("resize");
     let resize = t.elapsed();
     let t = Instant::now();
-    let jpeg = imaging::encode(&small, 85).expect("encode");
+    let jpeg = imaging::encode(&small, settings.resize.jpeg_quality).expect("encode");
     let encode = t.elapsed();
     let per_frame = decode + resize + encode;
     println!(
-        "one frame ({} bytes): decode {:.0} ms, resize {:.0} ms, encode {:.0} ms ({} bytes); total {:.0} ms",
+        "one frame ({} bytes, {}x{}): decode at {eighths}/8 to {dw}x{dh} {:.0} ms, resize to {w}x{h} {:.0} ms, \
+         encode {:.0} ms ({} bytes); total {:.0} ms",
         raw.len(),
+        header.width,
+        header.height,
         ms(decode),
         ms(resize),
         ms(encode),

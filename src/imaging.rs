@@ -3,15 +3,15 @@
 //! and re-encode it with no identifying metadata. Pure functions over bytes and pixels: no files,
 //! no clock.
 //!
-//! The steps are separate public functions (`check_complete`, `decode`, `orient`,
+//! The steps are separate public functions (`check_complete`, `decode_at`, `orient`,
 //! `check_not_blank`, `fit`, `resize`, `encode`) so each can be measured and replaced on its own;
-//! `process` chains them for the capture path.
+//! `process` chains them for the capture path. Decoding and encoding go through libjpeg-turbo
+//! (`libjpeg`), which can decode straight to a fraction of the stored size.
 
-use std::io::Cursor;
+mod libjpeg;
 
 use fast_image_resize as fr;
-use image::codecs::jpeg::{JpegDecoder, JpegEncoder};
-use image::{DynamicImage, ExtendedColorType, ImageDecoder, ImageError, Limits, RgbImage};
+use image::{DynamicImage, RgbImage};
 
 pub use image::metadata::Orientation;
 
@@ -284,22 +284,44 @@ pub fn check_complete(raw: &[u8]) -> Result<FrameHeader, FrameError> {
     Ok(FrameHeader { width: sof.width, height: sof.height })
 }
 
-/// Decodes a JPEG to RGB pixels as stored, and reads its EXIF orientation. The decoder is
-/// limited to `MAX_SIDE` a side and `MAX_PIXELS`, so a hostile header cannot make it allocate
-/// more; call `check_complete` first to catch cut-short frames, which the decoder fills with grey
-/// instead of failing.
+/// Decodes a JPEG to RGB pixels as stored, at full size, and reads its EXIF orientation. The
+/// size from the header must pass the same limits as `check_complete` (`MAX_SIDE` a side and
+/// `MAX_PIXELS`) before any pixel is decoded, so a hostile header cannot make it allocate more;
+/// call `check_complete` first to catch cut-short frames.
 pub fn decode(raw: &[u8]) -> Result<Decoded, FrameError> {
-    let mut decoder = JpegDecoder::new(Cursor::new(raw)).map_err(|e| decode_error(raw, e))?;
-    let (width, height) = decoder.dimensions();
-    check_size(width, height)?;
-    let mut limits = Limits::default();
-    limits.max_image_width = Some(MAX_SIDE);
-    limits.max_image_height = Some(MAX_SIDE);
-    limits.max_alloc = Some(MAX_PIXELS * 4);
-    decoder.set_limits(limits).map_err(|e| decode_error(raw, e))?;
-    let orientation = decoder.orientation().map_err(|e| decode_error(raw, e))?;
-    let image = DynamicImage::from_decoder(decoder).map_err(|e| decode_error(raw, e))?.into_rgb8();
-    Ok(Decoded { image, orientation })
+    decode_at(raw, 8)
+}
+
+/// The smallest scale, in eighths, at which libjpeg decodes a `width`x`height` frame (it rounds
+/// each side up) to at least `min_width`x`min_height`: 8 when the frame is not larger.
+pub fn decode_scale(width: u32, height: u32, min_width: u32, min_height: u32) -> u8 {
+    let at = |side: u32, eighths: u32| (u64::from(side) * u64::from(eighths)).div_ceil(8);
+    (1..=8u8)
+        .find(|&n| {
+            at(width, n.into()) >= u64::from(min_width) && at(height, n.into()) >= u64::from(min_height)
+        })
+        .unwrap_or(8)
+}
+
+/// Decodes like `decode`, but at `eighths`/8 (1..=8) of the stored size: libjpeg drops DCT
+/// coefficients instead of decoding pixels that a resize would throw away. `decode_scale` says
+/// how small it may go.
+pub fn decode_at(raw: &[u8], eighths: u8) -> Result<Decoded, FrameError> {
+    decode_eighths(raw, eighths).map(|(decoded, _)| decoded)
+}
+
+/// `decode_at`, also returning the stored size.
+fn decode_eighths(raw: &[u8], eighths: u8) -> Result<(Decoded, FrameHeader), FrameError> {
+    match libjpeg::decode(raw, eighths, check_size) {
+        Ok(p) => Ok((
+            Decoded { image: p.image, orientation: p.orientation },
+            FrameHeader { width: p.stored_width, height: p.stored_height },
+        )),
+        Err(libjpeg::DecodeFailure::Refused(e)) => Err(e),
+        Err(libjpeg::DecodeFailure::Failed(reason)) => {
+            Err(FrameError::Undecodable { bytes: raw.len(), reason })
+        }
+    }
 }
 
 /// Turns stored pixels upright according to their EXIF orientation (all eight values).
@@ -385,42 +407,61 @@ pub fn resize(image: &RgbImage, width: u32, height: u32) -> Result<RgbImage, Fra
         .ok_or_else(|| failed("the resizer returned a buffer of the wrong size".to_owned()))
 }
 
-/// Encodes RGB pixels as a baseline JPEG at `quality` (1–100). The output carries no metadata:
-/// no EXIF (so no GPS, maker notes or orientation), no ICC profile, no comment; only the JFIF
-/// header every JPEG reader expects.
+/// Encodes RGB pixels as a baseline JPEG at `quality` (1–100), 4:2:0 chroma, with Huffman
+/// tables made for the image. The output carries no metadata: no EXIF (so no GPS, maker notes
+/// or orientation), no ICC profile, no comment; only the JFIF header every JPEG reader expects.
 pub fn encode(img: &RgbImage, quality: u8) -> Result<Vec<u8>, FrameError> {
     if !(1..=100).contains(&quality) {
         return Err(FrameError::InvalidQuality { quality });
     }
-    let mut jpeg = Vec::new();
-    JpegEncoder::new_with_quality(&mut jpeg, quality)
-        .encode(img.as_raw(), img.width(), img.height(), ExtendedColorType::Rgb8)
-        .map_err(|e| FrameError::EncodeFailed {
-            width: img.width(),
-            height: img.height(),
-            reason: e.to_string(),
-        })?;
-    Ok(jpeg)
+    let (width, height) = img.dimensions();
+    if width == 0 || height == 0 || width > 65_535 || height > 65_535 {
+        return Err(FrameError::EncodeFailed {
+            width,
+            height,
+            reason: "JPEG allows 1 to 65535 pixels a side".into(),
+        });
+    }
+    libjpeg::encode(img, quality).map_err(|reason| FrameError::EncodeFailed { width, height, reason })
 }
 
-/// The capture path: `check_complete`, `decode`, `orient`, `check_not_blank`, then `fit` and
-/// `resize` (only when the frame is larger than `spec.max_long_edge`), then `encode`.
+/// The capture path: `check_complete`; `decode` at the smallest scale that still covers the
+/// final size (`decode_scale`); `orient`; `check_not_blank`; `fit` and `resize` (only when the
+/// decoded frame is larger than the final size); `encode`.
 pub fn process(raw: &[u8], spec: &ResizeSpec) -> Result<Processed, FrameError> {
     if !(1..=100).contains(&spec.jpeg_quality) {
         return Err(FrameError::InvalidQuality { quality: spec.jpeg_quality });
     }
-    check_complete(raw)?;
-    let decoded = decode(raw)?;
+    let header = check_complete(raw)?;
+    // `fit` treats both sides alike, so the final size as stored is the upright one turned.
+    let (stored_w, stored_h) = fit(header.width, header.height, spec.max_long_edge);
+    let (decoded, stored) =
+        decode_eighths(raw, decode_scale(header.width, header.height, stored_w, stored_h))?;
     let upright = orient(decoded.image, decoded.orientation);
     check_not_blank(&upright)?;
-    let (source_width, source_height) = upright.dimensions();
+    let (source_width, source_height) = if turns_sideways(decoded.orientation) {
+        (stored.height, stored.width)
+    } else {
+        (stored.width, stored.height)
+    };
     let (width, height) = fit(source_width, source_height, spec.max_long_edge);
-    let jpeg = if (width, height) == (source_width, source_height) {
+    let jpeg = if upright.dimensions() == (width, height) {
         encode(&upright, spec.jpeg_quality)?
     } else {
         encode(&resize(&upright, width, height)?, spec.jpeg_quality)?
     };
     Ok(Processed { jpeg, source_width, source_height, width, height })
+}
+
+/// Whether an EXIF orientation swaps width and height.
+fn turns_sideways(orientation: Orientation) -> bool {
+    matches!(
+        orientation,
+        Orientation::Rotate90
+            | Orientation::Rotate270
+            | Orientation::Rotate90FlipH
+            | Orientation::Rotate270FlipH
+    )
 }
 
 /// The frame header (SOF) fields `check_complete` judges.
@@ -574,18 +615,6 @@ fn check_size(width: u32, height: u32) -> Result<(), FrameError> {
     Ok(())
 }
 
-/// Turns a decoder error into a frame error that names what is wrong.
-fn decode_error(raw: &[u8], error: ImageError) -> FrameError {
-    match error {
-        ImageError::Unsupported(e) => FrameError::Unsupported { encoding: e.to_string() },
-        ImageError::Limits(e) => FrameError::Undecodable {
-            bytes: raw.len(),
-            reason: format!("it needs more than the decoder may allocate ({e})"),
-        },
-        other => FrameError::Undecodable { bytes: raw.len(), reason: other.to_string() },
-    }
-}
-
 /// A grid of up to `BLANK_SAMPLE_GRID` x `BLANK_SAMPLE_GRID` points at the centres of equal
 /// cells of an image.
 struct SampleGrid {
@@ -712,6 +741,48 @@ mod tests {
             let got = u64::from(out_short) * u64::from(long);
             prop_assert!(exact.abs_diff(got) <= u64::from(long), "{width}x{height} -> {w}x{h}");
         }
+    }
+
+    #[test]
+    fn decode_scale_picks_the_smallest_eighth_that_still_covers_the_final_size() {
+        // 12 MP bound for 1920: half size (2016x1512) covers 1920x1440.
+        assert_eq!(decode_scale(4032, 3024, 1920, 1440), 4);
+        // Exactly half: no resize is left to do.
+        assert_eq!(decode_scale(3840, 2160, 1920, 1080), 4);
+        // 48 MP: a quarter.
+        assert_eq!(decode_scale(8000, 6000, 1920, 1440), 2);
+        // Odd sizes round up as libjpeg does: 3/8 of 5121 is 1920.375, so 1921.
+        assert_eq!(decode_scale(5121, 3841, 1920, 1440), 3);
+        // Not larger than the final size, or asked for more: full size.
+        assert_eq!(decode_scale(1920, 1080, 1920, 1080), 8);
+        assert_eq!(decode_scale(640, 480, 1920, 1440), 8);
+    }
+
+    proptest! {
+        #[test]
+        fn decode_scale_never_decodes_smaller_than_the_final_size(
+            width in 1u32..20_000, height in 1u32..20_000, limit in 1u32..20_000,
+        ) {
+            let (w, h) = fit(width, height, limit);
+            let n = decode_scale(width, height, w, h);
+            let at = |side: u32, n: u8| (u64::from(side) * u64::from(n)).div_ceil(8);
+            prop_assert!((1..=8).contains(&n));
+            prop_assert!(at(width, n) >= u64::from(w) && at(height, n) >= u64::from(h), "{n}/8 of {width}x{height} < {w}x{h}");
+            if n > 1 {
+                prop_assert!(at(width, n - 1) < u64::from(w) || at(height, n - 1) < u64::from(h), "{} would do", n - 1);
+            }
+        }
+    }
+
+    #[test]
+    fn a_large_frame_is_decoded_at_a_fraction_and_still_comes_out_at_the_full_final_size() {
+        let raw = encode(&noisy(4032, 3024, 7), 90).expect("encode");
+        let (decoded, stored) = decode_eighths(&raw, 4).expect("decode at half size");
+        assert_eq!(decoded.image.dimensions(), (2016, 1512));
+        assert_eq!((stored.width, stored.height), (4032, 3024));
+        let p = process(&raw, &ResizeSpec { max_long_edge: 1920, jpeg_quality: 85 }).expect("process");
+        assert_eq!((p.source_width, p.source_height, p.width, p.height), (4032, 3024, 1920, 1440));
+        assert_eq!(decode(&p.jpeg).expect("output decodes").image.dimensions(), (1920, 1440));
     }
 
     // ----- check_complete on hand-made frames -----
