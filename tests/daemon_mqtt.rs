@@ -436,6 +436,11 @@ fn the_last_will_says_offline_when_the_daemon_is_killed_and_a_restart_says_onlin
     };
     let mut kiosk = run();
     w.wait("status", |p, _| p == b"online");
+    let start = r#"{"command_id":"before-kill","case_id":"CASE-K","angles":["Front"]}"#;
+    let first = w.command("start", start);
+    assert_eq!(first["status"], "accepted", "{first}");
+    let inspection = first["inspection_id"].as_i64().expect("the accepted start names its inspection");
+    w.event("inspection_captured");
     kiosk.kill().unwrap();
     kiosk.wait().unwrap();
     // Live subscribers get the will without the retain flag (MQTT 3.1.1).
@@ -446,7 +451,22 @@ fn the_last_will_says_offline_when_the_daemon_is_killed_and_a_restart_says_onlin
 
     let mut kiosk = run();
     w.wait("status", |p, _| p == b"online");
+    // The same start after the restart: its first answer again, and no second inspection.
+    let seen_before = w.seen.len();
+    let again = w.command("start", start);
+    assert_eq!(
+        (&again["status"], again["inspection_id"].as_i64()),
+        (&first["status"], Some(inspection)),
+        "{again}"
+    );
     assert_eq!(w.command("ping", r#"{"command_id":"after-restart"}"#)["status"], "succeeded");
+    let started: Vec<_> = w.seen[seen_before..]
+        .iter()
+        .filter(|(t, p, _)| {
+            t.ends_with("/events") && String::from_utf8_lossy(p).contains("inspection_started")
+        })
+        .collect();
+    assert!(started.is_empty(), "the repeated start ran again: {started:?}");
     // SIGTERM through the real signal handler.
     unsafe { libc::kill(kiosk.id() as i32, libc::SIGTERM) };
     let status = kiosk.wait().unwrap();

@@ -13,8 +13,9 @@ use crate::vehicle::{CaseId, PhotoLabel, Vehicle};
 
 /// Longest command id accepted.
 pub const MAX_COMMAND_ID: usize = 64;
-/// Command ids remembered for duplicate detection; the oldest are forgotten first.
-pub const REMEMBERED_COMMANDS: usize = 1024;
+/// Command ids remembered for duplicate detection, here and in the buffer (so across restarts);
+/// the oldest are forgotten first.
+pub use crate::store::REMEMBERED_COMMANDS;
 
 /// A command that passed every check.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,8 +40,8 @@ pub struct Refused {
     pub reason: String,
 }
 
-/// The outcome of a command, as published on `cmd/{name}/ack`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// The outcome of a command, as published on `cmd/{name}/ack` (and kept in the buffer).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ack {
     pub command_id: Option<String>,
     pub status: AckStatus,
@@ -50,7 +51,7 @@ pub struct Ack {
     pub inspection_id: Option<InspectionId>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AckStatus {
     Accepted,

@@ -193,6 +193,7 @@ pub fn start(config: Config, deps: Deps) -> anyhow::Result<Daemon> {
         last_watchdog: None,
         last_status_line: String::new(),
     };
+    supervisor.recall_answers();
     supervisor.publish_state(true);
     supervisor.notifier.send("READY=1");
     supervisor.send_status_line();
@@ -325,7 +326,7 @@ impl Supervisor {
                 }
                 log::warn!(command = name.as_str(), command_id = refused.command_id.as_deref().unwrap_or(""), reason = refused.reason.as_str(); "Command rejected");
                 let ack = Ack::rejected(refused.command_id.as_deref(), refused.reason);
-                self.answered.remember(&ack);
+                self.remember(&ack);
                 return self.ack(&name, &ack);
             }
         };
@@ -352,8 +353,51 @@ impl Supervisor {
         };
         if let Some(ack) = ack {
             log::info!(command = name.as_str(), command_id = id.as_str(), status = format!("{:?}", ack.status).as_str(); "Command answered");
-            self.answered.remember(&ack);
+            self.remember(&ack);
             self.ack(&name, &ack);
+        }
+    }
+
+    /// Remembers the first outcome of a command, in memory and in the buffer, so that the same
+    /// command id is answered alike after a restart.
+    fn remember(&mut self, ack: &Ack) {
+        self.answered.remember(ack);
+        if let Some(first) = ack.command_id.as_deref().and_then(|id| self.answered.get(id)) {
+            let first = first.clone();
+            self.persist_answer(&first);
+        }
+    }
+
+    /// Writes `ack` as the answer to its command id in the buffer. A buffer that cannot take it
+    /// (a full disk) costs only the memory of this command across a restart.
+    fn persist_answer(&self, ack: &Ack) {
+        let Some(id) = ack.command_id.as_deref() else { return };
+        let answer = String::from_utf8_lossy(&ack.to_json()).into_owned();
+        if let Err(e) = lock(&self.store).remember_command(id, &answer, self.clock.wall()) {
+            log::warn!(command_id = id, error:% = e; "Could not record the command's answer in the buffer; a restart will forget this command id");
+        }
+    }
+
+    /// Loads the answers the buffer remembers from before this start.
+    fn recall_answers(&mut self) {
+        let remembered = match lock(&self.store).remembered_commands() {
+            Ok(r) => r,
+            Err(e) => {
+                log::warn!(error:% = e; "Could not read the answered commands from the buffer; command ids from before this start are forgotten");
+                return;
+            }
+        };
+        let count = remembered.len();
+        for (id, answer) in remembered {
+            match serde_json::from_str::<Ack>(&answer) {
+                Ok(ack) if ack.command_id.as_deref() == Some(id.as_str()) => self.answered.remember(&ack),
+                _ => {
+                    log::warn!(command_id = id.as_str(); "Ignoring an unreadable command answer in the buffer")
+                }
+            }
+        }
+        if count > 0 {
+            log::info!(commands = count; "Command ids answered before this start are remembered");
         }
     }
 
@@ -413,6 +457,9 @@ impl Supervisor {
             angles: angles.len(),
             done: 0,
         });
+        // Recorded before the capture can begin, so that a restart in between does not take
+        // the same command for a new one; replaced by the answer that names the inspection.
+        self.persist_answer(&Ack::new(Some(id), AckStatus::Accepted));
         self.cancel.store(false, Ordering::SeqCst);
         if self.jobs.send(Job { command_id: id.to_owned(), request, settings }).is_err() {
             self.running = None;
@@ -493,7 +540,7 @@ impl Supervisor {
                     r.inspection_id = Some(inspection_id);
                     let ack =
                         Ack::new(Some(&r.command_id), AckStatus::Accepted).with_inspection(inspection_id);
-                    self.answered.remember(&ack);
+                    self.remember(&ack);
                     self.ack("start", &ack);
                 }
                 let angles: Vec<&str> = angles.iter().map(|a| a.as_str()).collect();
@@ -549,7 +596,7 @@ impl Supervisor {
                     // The inspection never started: the start command's answer is this failure.
                     if running.as_ref().is_some_and(|r| r.inspection_id.is_none()) {
                         let ack = Ack::rejected(Some(&id), reason.clone());
-                        self.answered.remember(&ack);
+                        self.remember(&ack);
                         self.ack("start", &ack);
                     }
                 }

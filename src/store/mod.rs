@@ -58,7 +58,10 @@
 //! run forward one version at a time, each in its own immediate transaction that also moves
 //! `user_version`, so a crash mid-migration leaves a file at a whole version. A file with a
 //! version newer than this build's is refused with [`StoreError::NewerSchema`] before anything
-//! in it changes. Version 1 is the capture tables above; version 2 adds the upload state below.
+//! in it changes. Version 1 is the capture tables above; version 2 adds the upload state below;
+//! version 3 adds `commands` (`seq`, `command_id` unique, `answer` JSON, `at`): the daemon's
+//! answers to the last `REMEMBERED_COMMANDS` commands, so a command id seen before a restart is
+//! answered with its first outcome and not executed twice (`store/commands.rs`).
 //!
 //! ## Upload state (schema version 2)
 //!
@@ -126,11 +129,14 @@
 //! [`Store::recovery`] reports what happened.
 
 mod caps;
+mod commands;
 mod disk;
 mod error;
 mod lifecycle;
 mod schema;
 mod upload;
+
+pub use commands::REMEMBERED_COMMANDS;
 
 use std::collections::HashMap;
 use std::fmt;

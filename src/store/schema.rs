@@ -10,7 +10,7 @@ use super::error::sqlite_error;
 use super::StoreError;
 
 /// The schema version this build writes and understands (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// How long a statement waits for another connection's lock before failing with `Locked`.
 pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -90,6 +90,17 @@ const MIGRATIONS: &[Migration] = &[
             inspection_id INTEGER NOT NULL REFERENCES inspections (id) ON DELETE CASCADE,
             why           TEXT    NOT NULL,
             at            INTEGER NOT NULL
+        ) STRICT;
+    ",
+    },
+    Migration {
+        to: 3,
+        sql: "
+        CREATE TABLE commands (
+            seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+            command_id TEXT    NOT NULL UNIQUE,
+            answer     TEXT    NOT NULL,
+            at         INTEGER NOT NULL
         ) STRICT;
     ",
     },
