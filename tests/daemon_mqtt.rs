@@ -555,6 +555,10 @@ fn ready_and_watchdog_reach_the_notify_socket_and_a_wedged_loop_stops_the_watchd
     };
     let first = watch(Duration::from_millis(1500));
     assert!(first.iter().any(|m| m == "READY=1"), "{first:?}");
+    // The start timeout is extended before the buffer is opened (and checked), not after.
+    let extend = first.iter().position(|m| m.starts_with("EXTEND_TIMEOUT_USEC="));
+    let ready = first.iter().position(|m| m == "READY=1");
+    assert!(extend.is_some_and(|e| Some(e) < ready), "{first:?}");
     assert!(first.iter().any(|m| m == "WATCHDOG=1"), "{first:?}");
     assert!(first.iter().any(|m| m.starts_with("STATUS=stage idle, 0 inspections buffered")), "{first:?}");
 

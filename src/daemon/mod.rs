@@ -113,6 +113,14 @@ impl Daemon {
 /// Opens the buffer, starts every loop and the MQTT link, then says `READY=1`.
 pub fn start(config: Config, deps: Deps) -> anyhow::Result<Daemon> {
     let clock = deps.clock.clone();
+    let buffer_bytes =
+        std::fs::metadata(config.state_dir.join(crate::store::FILE_NAME)).map_or(0, |m| m.len());
+    let allowance = notify::start_allowance(buffer_bytes);
+    deps.notifier.send(&format!("EXTEND_TIMEOUT_USEC={}", allowance.as_micros()));
+    deps.notifier.send(&format!("STATUS=checking the buffer ({} MiB)", buffer_bytes >> 20));
+    if buffer_bytes > 1 << 30 {
+        log::info!(bytes = buffer_bytes, allowance_s = allowance.as_secs(); "Checking a large buffer before start; this can take minutes on an SD card");
+    }
     let store = Store::open(&config.state_dir, config.buffer.caps, clock.wall())
         .with_context(|| format!("the buffer in {} cannot be opened", config.state_dir.display()))?;
     for id in &store.recovery().interrupted {

@@ -1,6 +1,7 @@
-//! systemd's notification protocol: `READY=1`, `WATCHDOG=1`, `STATUS=…` and `STOPPING=1` as
-//! datagrams to `$NOTIFY_SOCKET` (a path, or an abstract name starting with `@`), and the
-//! pure rule for when the watchdog may be fed.
+//! systemd's notification protocol: `READY=1`, `WATCHDOG=1`, `STATUS=…`,
+//! `EXTEND_TIMEOUT_USEC=…` and `STOPPING=1` as datagrams to `$NOTIFY_SOCKET` (a path, or an
+//! abstract name starting with `@`), and the pure rules for when the watchdog may be fed and
+//! how long a start may take.
 
 use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
@@ -75,6 +76,17 @@ pub fn watchdog_from_env() -> Option<Duration> {
     (usec > 0).then(|| Duration::from_micros(usec))
 }
 
+/// Read speed assumed for the buffer's storage: a slow SD card.
+const SLOW_STORAGE_BYTES_PER_SEC: u64 = 10_000_000;
+
+/// How long starting may take with a buffer file of `buffer_bytes`: opening it runs SQLite's
+/// `quick_check`, which reads every page, so a full buffer on a slow SD card takes minutes, far
+/// past the unit's `TimeoutStartSec`. Sent as `EXTEND_TIMEOUT_USEC` before the buffer is opened,
+/// so systemd does not kill a start that is only slow. 30 s for the rest of the start.
+pub fn start_allowance(buffer_bytes: u64) -> Duration {
+    Duration::from_secs(30 + buffer_bytes / SLOW_STORAGE_BYTES_PER_SEC)
+}
+
 /// Whether `WATCHDOG=1` may be sent at `now`: every loop beat within `stall_limit`, and half
 /// the interval passed since the last one. Times are monotonic.
 pub fn watchdog_due(
@@ -92,6 +104,14 @@ pub fn watchdog_due(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_start_allowance_grows_with_the_buffer_at_slow_sd_card_speed() {
+        assert_eq!(start_allowance(0), Duration::from_secs(30));
+        assert_eq!(start_allowance(100 * 1024 * 1024), Duration::from_secs(30 + 10));
+        // A full 8 GiB buffer: about 14 minutes more.
+        assert_eq!(start_allowance(8 << 30), Duration::from_secs(30 + 858));
+    }
 
     #[test]
     fn the_watchdog_is_fed_only_while_every_loop_beats() {
