@@ -120,6 +120,8 @@ pub struct Uploader {
     jitter: Box<dyn FnMut() -> f64 + Send>,
     /// Sessions given up during the current pump, announced at its end.
     given_up: Vec<(InspectionId, String, String)>,
+    /// Whether the kernel's unsynchronised clock was already reported (once until it syncs).
+    told_kernel_unsynced: bool,
 }
 
 impl std::fmt::Debug for Uploader {
@@ -147,6 +149,7 @@ impl Uploader {
             link: Link { online: None, clock: ClockTrust::Unknown, last_error: None },
             jitter: Box::new(fastrand::f64),
             given_up: Vec::new(),
+            told_kernel_unsynced: false,
         }
     }
 
@@ -341,8 +344,13 @@ impl Uploader {
             return Ok(());
         }
         if !matches!(self.client.clock_trust(), ClockTrust::Trusted { .. }) {
-            if super::client::kernel_clock_synchronised() == Some(false) {
-                log::warn!("The kernel marks its clock unsynchronised (is NTP running?); asking the cloud's clock before signing");
+            match super::client::kernel_clock_synchronised() {
+                Some(false) if !self.told_kernel_unsynced => {
+                    log::warn!("The kernel marks its clock unsynchronised (is NTP running?); asking the cloud's clock before signing");
+                    self.told_kernel_unsynced = true;
+                }
+                Some(true) => self.told_kernel_unsynced = false,
+                _ => {}
             }
             if let Err(f) = self.client.probe_clock() {
                 let wait = self.next_backoff();
