@@ -90,10 +90,7 @@ pub(super) fn decode(
             })?;
         Ok(Pixels { image, stored_width, stored_height, orientation })
     };
-    match panic::catch_unwind(AssertUnwindSafe(run)) {
-        Ok(result) => result,
-        Err(payload) => Err(DecodeFailure::Failed(unwind_text(payload))),
-    }
+    guarded(run).unwrap_or_else(|text| Err(DecodeFailure::Failed(text)))
 }
 
 /// Encodes RGB pixels as a baseline JPEG with Huffman tables made for the image, 4:2:0 chroma
@@ -109,10 +106,12 @@ pub(super) fn encode(image: &RgbImage, quality: u8) -> Result<Vec<u8>, String> {
         started.write_scanlines(image.as_raw()).map_err(|e| e.to_string())?;
         started.finish().map_err(|e| e.to_string())
     };
-    match panic::catch_unwind(AssertUnwindSafe(run)) {
-        Ok(result) => result,
-        Err(payload) => Err(unwind_text(payload)),
-    }
+    guarded(run).and_then(|result| result)
+}
+
+/// Runs `f`, which calls into libjpeg, turning an unwind out of it into its message.
+fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    panic::catch_unwind(AssertUnwindSafe(f)).map_err(unwind_text)
 }
 
 /// Adobe CMYK as stored in JPEG files is inverted (0 is full ink), so each channel times K is
@@ -170,9 +169,8 @@ unsafe extern "C-unwind" fn on_message(cinfo: &mut jpeg_common_struct, level: c_
     if HARMLESS_WARNINGS.contains(&code) {
         return;
     }
-    // SAFETY: as above.
-    let text = unsafe { message_text(cinfo) };
-    panic::resume_unwind(Box::new(text));
+    // SAFETY: as above; a damaging warning ends the call as an error does.
+    unsafe { on_error(cinfo) }
 }
 
 /// The current message of `cinfo`'s error manager, formatted by libjpeg.
