@@ -45,7 +45,7 @@ pub const EXIT_BUFFERED: u8 = 5;
     about = "The brain of an unattended drive-through vehicle inspection bay"
 )]
 pub struct Cli {
-    /// More log output (-v: debug, -vv: trace).
+    /// More log output of the kiosk's own (-v: debug, -vv: trace); other crates stay at info.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
     #[command(subcommand)]
