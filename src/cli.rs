@@ -563,14 +563,16 @@ fn run_daemon(path: &Path) -> anyhow::Result<u8> {
         config_path: Some(path.to_owned()),
         hooks: crate::daemon::Hooks::default(),
     };
-    let daemon = crate::daemon::start(config, deps)?;
-    let events = daemon.sender();
+    // Installed before READY=1 goes out, so that a stop asked for right after it is not lost;
+    // signals that come during the start wait in `signals` until the daemon can take them.
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGHUP,
     ])
     .context("signal handlers cannot be installed")?;
+    let daemon = crate::daemon::start(config, deps)?;
+    let events = daemon.sender();
     std::thread::Builder::new().name("signals".to_owned()).spawn(move || {
         for signal in signals.forever() {
             let signal = match signal {

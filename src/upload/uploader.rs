@@ -155,6 +155,11 @@ impl Uploader {
         }
     }
 
+    /// Reports every request to `alive`, so that a watchdog sees a long upload make progress.
+    pub fn set_alive(&mut self, alive: super::client::Alive) {
+        self.client.set_alive(alive);
+    }
+
     /// Replaces the random source of the backoff's jitter (values in `[0, 1)`).
     pub fn with_jitter(mut self, jitter: impl FnMut() -> f64 + Send + 'static) -> Uploader {
         self.jitter = Box::new(jitter);
