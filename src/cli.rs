@@ -45,7 +45,7 @@ pub const EXIT_BUFFERED: u8 = 5;
     about = "The brain of an unattended drive-through vehicle inspection bay"
 )]
 pub struct Cli {
-    /// More log output (-v: debug, -vv: trace).
+    /// More log output of the kiosk's own (-v: debug, -vv: trace); other crates stay at info.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
     #[command(subcommand)]
@@ -563,14 +563,16 @@ fn run_daemon(path: &Path) -> anyhow::Result<u8> {
         config_path: Some(path.to_owned()),
         hooks: crate::daemon::Hooks::default(),
     };
-    let daemon = crate::daemon::start(config, deps)?;
-    let events = daemon.sender();
+    // Installed before READY=1 goes out, so that a stop asked for right after it is not lost;
+    // signals that come during the start wait in `signals` until the daemon can take them.
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGHUP,
     ])
     .context("signal handlers cannot be installed")?;
+    let daemon = crate::daemon::start(config, deps)?;
+    let events = daemon.sender();
     std::thread::Builder::new().name("signals".to_owned()).spawn(move || {
         for signal in signals.forever() {
             let signal = match signal {

@@ -30,12 +30,19 @@ struct Broker {
     dir: tempfile::TempDir,
     port: u16,
     child: Option<Child>,
+    /// Lines added to the configuration.
+    extra: String,
 }
 
 impl Broker {
     fn start() -> Broker {
+        Broker::start_with("")
+    }
+
+    fn start_with(extra: &str) -> Broker {
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut broker = Broker { dir: tempfile::tempdir().unwrap(), port, child: None };
+        let mut broker =
+            Broker { dir: tempfile::tempdir().unwrap(), port, child: None, extra: extra.to_owned() };
         broker.restart();
         broker
     }
@@ -44,7 +51,10 @@ impl Broker {
         let conf = self.dir.path().join("mosquitto.conf");
         std::fs::write(
             &conf,
-            format!("listener {} 127.0.0.1\nallow_anonymous true\npersistence false\n", self.port),
+            format!(
+                "listener {} 127.0.0.1\nallow_anonymous true\npersistence false\n{}",
+                self.port, self.extra
+            ),
         )
         .unwrap();
         let child = Command::new("mosquitto")
@@ -92,6 +102,8 @@ impl Watcher {
         let mut options =
             MqttOptions::new(format!("watcher-{}", fastrand::u32(..)), "127.0.0.1", broker.port);
         options.set_keep_alive(Duration::from_secs(5));
+        // Room for the oversized commands the tests send (and see again on the bay's topics).
+        options.set_max_packet_size(16 << 20, 16 << 20);
         let (client, mut connection) = Client::new(options, 64);
         client.subscribe(format!("{ROOT}/#"), QoS::AtLeastOnce).unwrap();
         let (tx, messages) = mpsc::channel();
@@ -586,4 +598,335 @@ fn ready_and_watchdog_reach_the_notify_socket_and_a_wedged_loop_stops_the_watchd
     stop(daemon);
     let last = watch(Duration::from_millis(200));
     assert!(last.iter().any(|m| m == "STOPPING=1"), "{last:?}");
+}
+
+/// A command padded to about `kib` KiB, its `command_id` first.
+fn padded(id: &str, kib: usize) -> String {
+    format!(r#"{{"command_id":"{id}","pad":"{}"}}"#, "x".repeat(kib * 1024))
+}
+
+/// Waits until every id in `ids` has an ack on `cmd/{name}/ack` (seen before or now) and returns
+/// them by id.
+fn acks_for(w: &mut Watcher, name: &str, ids: &[String]) -> std::collections::HashMap<String, Value> {
+    let topic = format!("{ROOT}/cmd/{name}/ack");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let found: std::collections::HashMap<String, Value> = w
+            .seen
+            .iter()
+            .filter(|(t, _, _)| *t == topic)
+            .filter_map(|(_, p, _)| serde_json::from_slice::<Value>(p).ok())
+            .filter_map(|v| v["command_id"].as_str().map(|id| (id.to_owned(), v.clone())))
+            .filter(|(id, _)| ids.contains(id))
+            .collect();
+        if found.len() == ids.len() {
+            return found;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match w.messages.recv_timeout(left) {
+            Ok(m) => w.seen.push(m),
+            Err(_) => {
+                let missing: Vec<_> = ids.iter().filter(|id| !found.contains_key(*id)).collect();
+                panic!("no ack for {missing:?}; seen: {:#?}", w.summary().len());
+            }
+        }
+    }
+}
+
+/// How many acks on any `cmd/*/ack` topic carry `id`.
+fn ack_count(w: &Watcher, id: &str) -> usize {
+    w.seen
+        .iter()
+        .filter(|(t, _, _)| t.ends_with("/ack"))
+        .filter(|(_, p, _)| serde_json::from_slice::<Value>(p).is_ok_and(|v| v["command_id"] == id))
+        .count()
+}
+
+fn status_went_offline(w: &Watcher) -> bool {
+    w.seen.iter().any(|(t, p, _)| *t == format!("{ROOT}/status") && p == b"offline")
+}
+
+#[test]
+fn oversized_commands_are_refused_and_answered_without_losing_the_connection() {
+    let broker = Broker::start();
+    let state = tempfile::tempdir().unwrap();
+    let config = config::parse(&config_text(state.path(), Some(&broker.url()), "320x240"), "t").unwrap();
+    let daemon = start_daemon(config, Notifier::none(), None, Hooks::default());
+    let mut w = Watcher::connect(&broker);
+    w.wait("status", |p, _| p == b"online");
+
+    let refused_for_size = |ack: &Value, size: usize| {
+        assert_eq!(ack["status"], "rejected", "{ack}");
+        let reason = ack["reason"].as_str().unwrap_or("");
+        assert!(reason.contains(&size.to_string()) && reason.contains("16384"), "{ack}");
+    };
+    for (id, kib) in [("big-70", 70), ("big-500", 500)] {
+        let payload = padded(id, kib);
+        refused_for_size(&w.command("start", &payload), payload.len());
+    }
+
+    // A burst: good commands interleaved with oversized ones, sent without waiting.
+    let mut good = Vec::new();
+    let mut big = Vec::new();
+    for i in 0..60 {
+        let id = format!("burst-{i}");
+        let payload = format!(r#"{{"command_id":"{id}"}}"#);
+        w.client.publish(format!("{ROOT}/cmd/ping"), QoS::AtLeastOnce, false, payload.as_bytes()).unwrap();
+        good.push(id);
+        if i % 5 == 0 {
+            let id = format!("burst-big-{i}");
+            let payload = padded(&id, 20 + i * 15);
+            w.client
+                .publish(format!("{ROOT}/cmd/ping"), QoS::AtLeastOnce, false, payload.into_bytes())
+                .unwrap();
+            big.push(id);
+        }
+    }
+    let all: Vec<String> = good.iter().chain(&big).cloned().collect();
+    let acks = acks_for(&mut w, "ping", &all);
+    for id in &good {
+        assert_eq!(acks[id]["status"], "succeeded", "{}", acks[id]);
+    }
+    for id in &big {
+        assert_eq!(acks[id]["status"], "rejected", "{}", acks[id]);
+        assert!(
+            acks[id]["reason"].as_str().unwrap().contains("over the limit of 16384 bytes"),
+            "{}",
+            acks[id]
+        );
+    }
+    // A last command behind everything: once it is answered, nothing else is on its way.
+    assert_eq!(w.command("ping", r#"{"command_id":"last"}"#)["status"], "succeeded");
+    for id in &all {
+        assert_eq!(ack_count(&w, id), 1, "{id} answered once");
+    }
+    assert!(!status_went_offline(&w), "the status flapped: {:#?}", w.summary().len());
+    stop(daemon);
+}
+
+#[test]
+fn a_message_over_what_the_kiosk_reads_costs_one_reconnect_and_nothing_is_answered_twice() {
+    let broker = Broker::start();
+    let state = tempfile::tempdir().unwrap();
+    let config = config::parse(&config_text(state.path(), Some(&broker.url()), "320x240"), "t").unwrap();
+    let daemon = start_daemon(config, Notifier::none(), None, Hooks::default());
+    let mut w = Watcher::connect(&broker);
+    w.wait("status", |p, _| p == b"online");
+    assert_eq!(w.command("ping", r#"{"command_id":"before"}"#)["status"], "succeeded");
+
+    // 5 MiB: more than the client reads. The connection goes, and comes back by itself.
+    let huge = padded("huge", 5 * 1024);
+    w.client.publish(format!("{ROOT}/cmd/ping"), QoS::AtLeastOnce, false, huge.into_bytes()).unwrap();
+    w.wait("status", |p, _| p == b"offline");
+    w.wait("status", |p, _| p == b"online");
+    let error = w.event("error");
+    let reason = error["reason"].as_str().unwrap_or("");
+    assert!(reason.contains("message_size_limit"), "{error}");
+    assert_eq!(w.command("ping", r#"{"command_id":"after"}"#)["status"], "succeeded");
+    assert_eq!(w.command("ping", r#"{"command_id":"last"}"#)["status"], "succeeded");
+    for id in ["before", "after", "last"] {
+        assert_eq!(ack_count(&w, id), 1, "{id} answered once");
+    }
+    assert_eq!(ack_count(&w, "huge"), 0, "a message that was never read cannot be answered");
+    stop(daemon);
+}
+
+#[test]
+fn with_the_recommended_broker_limit_a_huge_message_costs_nothing() {
+    // The README's recommendation: the broker refuses what the kiosk would not read.
+    let broker = Broker::start_with("message_size_limit 1048576\n");
+    let state = tempfile::tempdir().unwrap();
+    let config = config::parse(&config_text(state.path(), Some(&broker.url()), "320x240"), "t").unwrap();
+    let daemon = start_daemon(config, Notifier::none(), None, Hooks::default());
+    let mut w = Watcher::connect(&broker);
+    w.wait("status", |p, _| p == b"online");
+    let huge = padded("huge", 5 * 1024);
+    w.client.publish(format!("{ROOT}/cmd/ping"), QoS::AtLeastOnce, false, huge.into_bytes()).unwrap();
+    let near = padded("near-limit", 900);
+    let ack = w.command("ping", &near);
+    assert_eq!(ack["status"], "rejected", "{ack}");
+    assert_eq!(w.command("ping", r#"{"command_id":"after"}"#)["status"], "succeeded");
+    assert!(!status_went_offline(&w), "the status flapped: {:#?}", w.summary().len());
+    assert_eq!(ack_count(&w, "huge"), 0);
+    stop(daemon);
+}
+
+#[test]
+fn the_daemon_prunes_completed_inspections_past_retention_on_its_own_clock() {
+    use capture_kiosk::clock::ManualClock;
+    use capture_kiosk::vehicle::PhotoLabel;
+    let broker = Broker::start();
+    let state = tempfile::tempdir().unwrap();
+    let day = Duration::from_secs(86_400);
+    let now = std::time::UNIX_EPOCH + Duration::from_secs(1_795_000_000);
+    let caps = Caps { max_bytes: 1 << 30, min_free_disk: 0 };
+    let (old, recent, waiting) = {
+        let mut store = Store::open(state.path(), caps, now - 30 * day).unwrap();
+        let mut completed_at = |case: &str, at| {
+            let id = support::captured(&mut store, case, &[PhotoLabel::Front], 20, now - 30 * day);
+            store.set_state(id, InspectionState::Uploading, None, at).unwrap();
+            store.set_state(id, InspectionState::Completed, None, at).unwrap();
+            id
+        };
+        let old = completed_at("CASE-OLD", now - 8 * day);
+        let recent = completed_at("CASE-RECENT", now - day);
+        let waiting = support::captured(&mut store, "CASE-WAITING", &[PhotoLabel::Front], 20, now - 30 * day);
+        (old, recent, waiting)
+    };
+    let text = format!(
+        "{}\n[buffer]\ncompleted_retention = \"7 days\"\n",
+        config_text(state.path(), Some(&broker.url()), "320x240")
+    );
+    let config = config::parse(&text, "t").unwrap();
+    let clock = ManualClock::starting_at(now);
+    let deps = Deps {
+        clock: Arc::new(clock.clone()),
+        rig: Rig::open(&config).unwrap(),
+        upload: Box::new(CaptureOnly::default()),
+        notifier: Notifier::none(),
+        watchdog: None,
+        config_path: None,
+        hooks: Hooks::default(),
+    };
+    let daemon = daemon::start(config, deps).unwrap();
+    let mut w = Watcher::connect(&broker);
+    // At start: the inspection completed eight days ago goes, the rest stays.
+    w.wait_json("state", |v| v["buffer"]["inspections"] == 2);
+    // Seven days later on the daemon's clock, the next run of the rule takes the other one.
+    clock.advance(7 * day);
+    w.wait_json("state", |v| v["buffer"]["inspections"] == 1);
+    stop(daemon);
+
+    let store = Store::open(state.path(), caps, now).unwrap();
+    let left: Vec<_> = store.list().unwrap().into_iter().map(|i| i.id).collect();
+    assert_eq!(left, vec![waiting], "only what was never uploaded stays");
+    assert!(store.inspection(old).unwrap().is_none() && store.inspection(recent).unwrap().is_none());
+}
+
+/// Reads a child's stderr on a thread (a full pipe would stall it) until it closes.
+fn collect_stderr(child: &mut Child) -> std::thread::JoinHandle<String> {
+    let mut stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    })
+}
+
+#[test]
+fn run_asks_for_start_time_before_opening_the_buffer_and_opens_it_as_one_owner() {
+    let standin = StandIn::start(Default::default(), Arc::new(SystemClock::new())).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = support::secret_file(dir.path(), standin.config());
+    let file = dir.path().join("bay.toml");
+    // A fresh state directory: its first open creates the buffer and logs the migration.
+    std::fs::write(
+        &file,
+        format!(
+            "{}\n{}",
+            config_text(&dir.path().join("state"), None, "320x240"),
+            support::cloud_toml(&standin.base_url(), &secret)
+        ),
+    )
+    .unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let mut kiosk = Command::new(env!("CARGO_BIN_EXE_capture-kiosk"))
+        .args(["run", "-v", "--config"])
+        .arg(&file)
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env_remove("CAPTURE_KIOSK_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = collect_stderr(&mut kiosk);
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut buf = [0u8; 512];
+    while !got.iter().any(|m| m == "READY=1") {
+        assert!(Instant::now() < deadline, "no READY=1: {got:?}");
+        if let Ok(n) = socket.recv(&mut buf) {
+            got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+    unsafe { libc::kill(kiosk.id() as i32, libc::SIGTERM) };
+    let status = kiosk.wait().unwrap();
+    let log = stderr.join().unwrap();
+    assert!(status.success(), "{status}: {log}");
+    let extend = got.iter().position(|m| m.starts_with("EXTEND_TIMEOUT_USEC="));
+    let ready = got.iter().position(|m| m == "READY=1");
+    assert!(extend.is_some_and(|e| Some(e) < ready), "{got:?}");
+    // The request for more time comes before anything opens the buffer, upload side included.
+    let asked = log.find("More start time asked of systemd").expect("the request for time is logged at -v");
+    let created = log.find("Buffer schema migrated").expect("the fresh buffer's creation is logged");
+    assert!(asked < created, "the buffer was opened before systemd was asked for time:\n{log}");
+    assert!(!log.contains("held by another process"), "the daemon took itself for another process:\n{log}");
+    standin.stop();
+}
+
+#[test]
+fn the_watchdog_is_fed_while_an_upload_waits_on_a_slow_request() {
+    use capture_kiosk::standin::FaultKind;
+    use capture_kiosk::vehicle::PhotoLabel;
+    let standin = StandIn::start(Default::default(), Arc::new(SystemClock::new())).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = support::secret_file(dir.path(), standin.config());
+    let state_dir = dir.path().join("state");
+    {
+        let caps = Caps { max_bytes: 1 << 30, min_free_disk: 0 };
+        let mut store = Store::open(&state_dir, caps, std::time::SystemTime::now()).unwrap();
+        support::captured(
+            &mut store,
+            "CASE-SLOW",
+            &[PhotoLabel::Front, PhotoLabel::Rear],
+            100,
+            std::time::SystemTime::now(),
+        );
+    }
+    let text = format!(
+        "{}\n{}",
+        config_text(&state_dir, None, "320x240"),
+        support::cloud_toml(&standin.base_url(), &secret)
+    );
+    let config = config::parse(&text, "t").unwrap();
+    // The upload is held three seconds without a byte of answer (well within the request
+    // deadline of ten), six times the half-interval a loop may stay silent.
+    standin.stall_next_requests(1, Duration::from_secs(3), Some("/api/upload"));
+    let socket_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    let clock: Arc<dyn capture_kiosk::clock::Clock> = Arc::new(SystemClock::new());
+    let leg = CloudLeg::open(&config, clock.clone()).unwrap().expect("a [cloud] section");
+    let deps = Deps {
+        clock,
+        rig: Rig::open(&config).unwrap(),
+        upload: Box::new(leg),
+        notifier: Notifier::to(socket_path.to_str().unwrap()),
+        watchdog: Some(Duration::from_secs(1)),
+        config_path: None,
+        hooks: Hooks::default(),
+    };
+    let daemon = daemon::start(config, deps).unwrap();
+    let mut feeds = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut buf = [0u8; 512];
+    while !standin.sessions().iter().any(|s| s.completed) {
+        assert!(Instant::now() < deadline, "the upload did not finish: {:#?}", standin.requests());
+        if let Ok(n) = socket.recv(&mut buf) {
+            if &buf[..n] == b"WATCHDOG=1" {
+                feeds.push(Instant::now());
+            }
+        }
+    }
+    let finished = Instant::now();
+    stop(daemon);
+    assert!(standin.requests().iter().any(|r| r.fault == Some(FaultKind::Stalled)), "the stall happened");
+    // Fed every half interval or so all along, stall included.
+    let mut gaps: Vec<Duration> = feeds.windows(2).map(|w| w[1] - w[0]).collect();
+    gaps.push(finished - *feeds.last().expect("the watchdog was fed"));
+    let longest = gaps.iter().max().copied().unwrap_or_default();
+    assert!(longest < Duration::from_millis(1600), "the watchdog went unfed for {longest:?}: {gaps:?}");
+    standin.stop();
 }

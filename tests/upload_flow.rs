@@ -405,3 +405,65 @@ fn a_session_left_by_a_crash_is_asked_about_not_guessed() {
     bay.assert_delivered_once(id, "CASE-ASK");
     assert_eq!(bay.standin.authenticate_calls(), 1);
 }
+
+/// The requests the stand-in saw after the first one that `fault` shaped, as `METHOD path`.
+fn requests_after(standin: &StandIn, path: &str, fault: FaultKind) -> Vec<String> {
+    let requests = standin.requests();
+    let at = requests
+        .iter()
+        .position(|r| r.path == path && r.fault == Some(fault))
+        .unwrap_or_else(|| panic!("no {path} shaped by {fault:?}: {requests:#?}"));
+    requests[at + 1..].iter().map(|r| format!("{} {}", r.method, r.path)).collect()
+}
+
+#[test]
+fn a_complete_whose_answer_was_reset_is_asked_about_never_sent_again() {
+    let mut bay = bay();
+    let id = captured(&mut bay.store, "CASE-LOST", &EXTERIOR, 100, start());
+    // The cloud completes the session, then resets the connection instead of answering.
+    bay.standin.drop_after_accepting_next(1, "/api/complete");
+    let (drained, waits, _) = bay.drain(Duration::from_secs(60));
+    assert_eq!(drained.completed, vec![id]);
+    assert_eq!(waits, vec![Duration::from_millis(500)], "one jittered backoff after the lost answer");
+    let session = bay.assert_delivered_once(id, "CASE-LOST");
+    assert_eq!(
+        bay.standin.completes_after_consumed(),
+        0,
+        "a second complete reached a consumed session: {:#?}",
+        bay.standin.requests()
+    );
+    // The next request after the lost answer is the question, and nothing follows it.
+    assert_eq!(
+        requests_after(&bay.standin, "/api/complete", FaultKind::DroppedAfterAccepting),
+        vec![format!("GET /v1/sessions/{}", session.session)]
+    );
+    assert_eq!(bay.standin.authenticate_calls(), 1, "no new session either");
+}
+
+#[test]
+fn a_complete_whose_answer_never_came_before_the_deadline_is_asked_about_in_process() {
+    let clock = ManualClock::starting_at(start());
+    let config = StandInConfig::default();
+    let standin = StandIn::start(config.clone(), Arc::new(clock.clone())).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cloud = cloud(&standin.base_url(), &secret_file(dir.path(), &config));
+    cloud.request_timeout = Duration::from_millis(500);
+    let mut store = Store::open(&dir.path().join("state"), CAPS, start()).unwrap();
+    let id = captured(&mut store, "CASE-SLOW", &EXTERIOR[..3], 50, start());
+    let mut uploader = uploader(&cloud, Arc::new(clock.clone())).unwrap().with_jitter(|| 0.5);
+    // Completed, then held past the request deadline: the same uploader must ask, not re-send.
+    standin.hold_after_accepting_next(1, Duration::from_secs(60), "/api/complete");
+    let drained =
+        drain(&mut uploader, &mut store, Duration::from_secs(60), &mut |d| clock.advance(d), &mut |_| {});
+    assert_eq!(drained.completed, vec![id]);
+    assert_eq!(standin.completes_after_consumed(), 0, "{:#?}", standin.requests());
+    let done: Vec<_> = standin.sessions().into_iter().filter(|s| s.completed).collect();
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].completions, 1);
+    assert_eq!(
+        requests_after(&standin, "/api/complete", FaultKind::HeldAfterAccepting),
+        vec![format!("GET /v1/sessions/{}", done[0].session)]
+    );
+    assert_eq!(store.inspection(id).unwrap().unwrap().state, InspectionState::Completed);
+    standin.stop();
+}

@@ -84,10 +84,7 @@ impl Ack {
 pub fn parse(name: &str, payload: &[u8], now: SystemTime) -> Result<Command, Refused> {
     let refuse = |id: Option<&str>, reason: String| Refused { command_id: id.map(str::to_owned), reason };
     if payload.len() > MAX_COMMAND_BYTES {
-        return Err(refuse(
-            None,
-            format!("the command is over {MAX_COMMAND_BYTES} bytes; send a smaller one"),
-        ));
+        return Err(oversized(payload, payload.len()));
     }
     let value: serde_json::Value = serde_json::from_slice(payload)
         .map_err(|e| refuse(None, format!("the payload is not JSON ({e}); send a JSON object")))?;
@@ -167,6 +164,115 @@ pub fn parse(name: &str, payload: &[u8], now: SystemTime) -> Result<Command, Ref
         }
     };
     Ok(Command { id: id.to_owned(), action })
+}
+
+/// The refusal of a payload of `size` bytes, over [`MAX_COMMAND_BYTES`], of which `start` is the
+/// beginning: unread, but answered under its `command_id` when the beginning holds one.
+pub fn oversized(start: &[u8], size: usize) -> Refused {
+    Refused {
+        command_id: leading_command_id(start),
+        reason: format!(
+            "the command is {size} bytes, over the limit of {MAX_COMMAND_BYTES} bytes; send a smaller one"
+        ),
+    }
+}
+
+/// The `command_id` of a JSON object whose beginning is `start`, when that beginning holds it
+/// as a member of the object itself (not of a nested value) and it is a usable id. Reads only
+/// as far as needed, without parsing the rest, and never fails: anything unexpected is `None`.
+pub fn leading_command_id(start: &[u8]) -> Option<String> {
+    let mut at = skip_space(start, 0);
+    if start.get(at) != Some(&b'{') {
+        return None;
+    }
+    at += 1;
+    loop {
+        at = skip_space(start, at);
+        let (key, next) = json_string(start, at)?;
+        at = skip_space(start, next);
+        if start.get(at) != Some(&b':') {
+            return None;
+        }
+        at = skip_space(start, at + 1);
+        if key == "command_id" {
+            let (id, _) = json_string(start, at)?;
+            let usable =
+                !id.is_empty() && id.chars().count() <= MAX_COMMAND_ID && !id.chars().any(char::is_control);
+            return usable.then_some(id);
+        }
+        at = skip_space(start, skip_value(start, at)?);
+        if start.get(at) != Some(&b',') {
+            return None;
+        }
+        at += 1;
+    }
+}
+
+fn skip_space(bytes: &[u8], mut at: usize) -> usize {
+    while bytes.get(at).is_some_and(|b| b.is_ascii_whitespace()) {
+        at += 1;
+    }
+    at
+}
+
+/// The string starting at `at` (its opening quote) and the index after its closing quote.
+fn json_string(bytes: &[u8], at: usize) -> Option<(String, usize)> {
+    let end = string_end(bytes, at)?;
+    let text = serde_json::from_slice::<String>(&bytes[at..end]).ok()?;
+    Some((text, end))
+}
+
+/// The index after the closing quote of the string whose opening quote is at `at`.
+fn string_end(bytes: &[u8], at: usize) -> Option<usize> {
+    if bytes.get(at) != Some(&b'"') {
+        return None;
+    }
+    let mut i = at + 1;
+    while let Some(&b) = bytes.get(i) {
+        match b {
+            b'\\' => i += 2,
+            b'"' => return Some(i + 1),
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+/// The index after the JSON value starting at `at`: a string, an object or array (nesting
+/// counted, strings inside skipped whole), or a scalar.
+fn skip_value(bytes: &[u8], at: usize) -> Option<usize> {
+    match bytes.get(at)? {
+        b'"' => string_end(bytes, at),
+        b'{' | b'[' => {
+            let mut depth = 0usize;
+            let mut i = at;
+            while let Some(&b) = bytes.get(i) {
+                match b {
+                    b'"' => {
+                        i = string_end(bytes, i)?;
+                        continue;
+                    }
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth = depth.checked_sub(1)?;
+                        if depth == 0 {
+                            return Some(i + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                i += 1;
+            }
+            None
+        }
+        _ => {
+            let mut i = at;
+            while bytes.get(i).is_some_and(|b| !matches!(b, b',' | b'}' | b']') && !b.is_ascii_whitespace()) {
+                i += 1;
+            }
+            (i > at && i < bytes.len()).then_some(i)
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -311,6 +417,49 @@ mod tests {
     }
 
     #[test]
+    fn an_oversized_command_is_refused_naming_its_size_and_under_its_id_when_it_leads() {
+        let padding = "x".repeat(70 * 1024);
+        let big = format!(r#"{{"command_id":"big-1","case_id":"C1","pad":"{padding}"}}"#);
+        let err = parse("start", big.as_bytes(), now()).unwrap_err();
+        assert_eq!(err.command_id.as_deref(), Some("big-1"));
+        assert!(
+            err.reason.contains(&big.len().to_string()) && err.reason.contains("16384"),
+            "{}",
+            err.reason
+        );
+        // The link hands over only the beginning, with the real size.
+        let cut = &big.as_bytes()[..MAX_COMMAND_BYTES + 1];
+        let err = oversized(cut, 500 * 1024);
+        assert_eq!(err.command_id.as_deref(), Some("big-1"));
+        assert!(err.reason.contains("512000"), "{}", err.reason);
+    }
+
+    fn check_leading_id(payload: &str, expected: Option<&str>) {
+        assert_eq!(leading_command_id(payload.as_bytes()).as_deref(), expected, "{payload}");
+    }
+
+    #[test]
+    fn the_command_id_is_found_only_where_a_json_parser_would_find_it() {
+        check_leading_id(r#"{"command_id":"a"}"#, Some("a"));
+        check_leading_id(r#" { "command_id" : "a\u0062" , "x": 1"#, Some("ab"));
+        check_leading_id(
+            r#"{"n":-1.5e3,"ok":true,"v":{"command_id":"inner"},"command_id":"outer""#,
+            Some("outer"),
+        );
+        check_leading_id(r#"{"s":"\"command_id\":\"fake\"","command_id":"real"}"#, Some("real"));
+        check_leading_id(r#"{"list":["]",{"}":"{"}],"command_id":"after"}"#, Some("after"));
+        check_leading_id(r#"{"pad":"xxxx"#, None);
+        check_leading_id(r#"{"command_id":7}"#, None);
+        check_leading_id(r#"{"command_id":""}"#, None);
+        check_leading_id(r#"{"command_id":"line\nbreak"}"#, None);
+        check_leading_id(&format!(r#"{{"command_id":"{}"}}"#, "x".repeat(65)), None);
+        check_leading_id(r#"["command_id","a"]"#, None);
+        check_leading_id("", None);
+        check_leading_id(r#"{"a" 1, "command_id":"a"}"#, None);
+        check_leading_id(r#"{"a":]]],"command_id":"a"}"#, None);
+    }
+
+    #[test]
     fn an_answered_command_keeps_its_first_outcome() {
         let mut answered = Answered::default();
         answered.remember(&Ack::new(Some("a"), AckStatus::Succeeded));
@@ -327,6 +476,18 @@ mod tests {
         #[test]
         fn no_bytes_crash_the_parser(name in "[a-z]{0,8}", payload in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
             let _ = parse(&name, &payload, now());
+            let _ = leading_command_id(&payload);
+        }
+
+        #[test]
+        fn the_leading_id_agrees_with_a_json_parser(id in "\\PC{1,64}", other in "\\PC{0,40}", first in proptest::bool::ANY) {
+            let payload = if first {
+                serde_json::json!({"command_id": id, "x": {"command_id": other}}).to_string()
+            } else {
+                format!(r#"{{"x":{},"command_id":{}}}"#, serde_json::json!([other, {"command_id": other}]), serde_json::json!(id))
+            };
+            let expected = (!id.chars().any(char::is_control)).then(|| id.clone());
+            proptest::prop_assert_eq!(leading_command_id(payload.as_bytes()), expected);
         }
 
         #[test]

@@ -40,6 +40,8 @@ pub use upload::{CaptureOnly, CloudLeg, UploadEvent, UploadLeg};
 const TICK: Duration = Duration::from_millis(250);
 /// How often an idle capture or upload loop shows it is alive.
 const BEAT: Duration = Duration::from_millis(250);
+/// How often the retention rule (`buffer.completed_retention`) runs; also once at start.
+pub const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 /// Everything that can make the daemon act. Every trigger is listed here.
 #[derive(Debug)]
@@ -116,8 +118,10 @@ pub fn start(config: Config, deps: Deps) -> anyhow::Result<Daemon> {
     let buffer_bytes =
         std::fs::metadata(config.state_dir.join(crate::store::FILE_NAME)).map_or(0, |m| m.len());
     let allowance = notify::start_allowance(buffer_bytes);
+    // Before any open of the buffer: opening it as its owner checks every page.
     deps.notifier.send(&format!("EXTEND_TIMEOUT_USEC={}", allowance.as_micros()));
     deps.notifier.send(&format!("STATUS=checking the buffer ({} MiB)", buffer_bytes >> 20));
+    log::debug!(bytes = buffer_bytes, allowance_s = allowance.as_secs(); "More start time asked of systemd before the buffer is opened");
     if buffer_bytes > 1 << 30 {
         log::info!(bytes = buffer_bytes, allowance_s = allowance.as_secs(); "Checking a large buffer before start; this can take minutes on an SD card");
     }
@@ -125,6 +129,15 @@ pub fn start(config: Config, deps: Deps) -> anyhow::Result<Daemon> {
         .with_context(|| format!("the buffer in {} cannot be opened", config.state_dir.display()))?;
     for id in &store.recovery().interrupted {
         log::warn!(inspection_id = id.0; "Inspection interrupted by the previous run was marked cancelled");
+    }
+    let beats = Beats::new(clock.monotonic());
+    // The upload leg's handle comes from this open: one owner, one recovery, one check.
+    let mut leg = deps.upload;
+    {
+        let (beats, clock) = (beats.clone(), clock.clone());
+        let alive: crate::upload::client::Alive =
+            Arc::new(move |grace| beats.beat_with_grace(UPLOAD_LOOP, clock.monotonic(), grace));
+        leg.attach(&store, alive).context("the upload leg cannot start")?;
     }
     let store = Arc::new(Mutex::new(store));
     let (events, inbox) = mpsc::channel();
@@ -140,7 +153,6 @@ pub fn start(config: Config, deps: Deps) -> anyhow::Result<Daemon> {
         }
     };
 
-    let beats = Beats::new(clock.monotonic());
     let cancel = Arc::new(AtomicBool::new(false));
     let (jobs, job_inbox) = mpsc::channel::<Job>();
     let monitor = deps.rig.monitor();
@@ -166,7 +178,6 @@ pub fn start(config: Config, deps: Deps) -> anyhow::Result<Daemon> {
     {
         let (events, clock, beats, stop) =
             (events.clone(), clock.clone(), beats.clone(), stop_upload.clone());
-        let mut leg = deps.upload;
         std::thread::Builder::new()
             .name("upload".to_owned())
             .spawn(move || upload_loop(leg.as_mut(), &wake_inbox, &events, clock.as_ref(), &beats, &stop))?;
@@ -200,6 +211,8 @@ pub fn start(config: Config, deps: Deps) -> anyhow::Result<Daemon> {
         last_state_at: None,
         last_watchdog: None,
         last_status_line: String::new(),
+        last_prune: None,
+        oversized: None,
     };
     supervisor.recall_answers();
     supervisor.publish_state(true);
@@ -220,19 +233,23 @@ struct Job {
 
 /// When each loop last showed it is alive (monotonic), for the watchdog.
 #[derive(Clone)]
-struct Beats(Arc<Mutex<[Duration; 2]>>);
+struct Beats(Arc<Mutex<[notify::Beat; 2]>>);
 
 const CAPTURE_LOOP: usize = 0;
 const UPLOAD_LOOP: usize = 1;
 
 impl Beats {
     fn new(now: Duration) -> Beats {
-        Beats(Arc::new(Mutex::new([now; 2])))
+        Beats(Arc::new(Mutex::new([notify::Beat::at(now); 2])))
     }
     fn beat(&self, which: usize, now: Duration) {
-        lock(&self.0)[which] = now;
+        self.beat_with_grace(which, now, Duration::ZERO);
     }
-    fn get(&self) -> [Duration; 2] {
+    /// A beat from inside a request that may take `grace` more (its deadline).
+    fn beat_with_grace(&self, which: usize, now: Duration, grace: Duration) {
+        lock(&self.0)[which] = notify::Beat { at: now, grace };
+    }
+    fn get(&self) -> [notify::Beat; 2] {
         *lock(&self.0)
     }
 }
@@ -273,6 +290,10 @@ struct Supervisor {
     last_state_at: Option<Duration>,
     last_watchdog: Option<Duration>,
     last_status_line: String,
+    /// When the retention rule last ran (monotonic).
+    last_prune: Option<Duration>,
+    /// The size of an MQTT message that cost the connection, told once it is back.
+    oversized: Option<usize>,
 }
 
 impl Supervisor {
@@ -294,7 +315,15 @@ impl Supervisor {
         match event {
             Event::Signal(Signal::Reload) => self.reload(),
             Event::Signal(Signal::Terminate) => {}
-            Event::Mqtt(LinkEvent::Connected) => self.publish_state(true),
+            Event::Mqtt(LinkEvent::Connected) => {
+                self.publish_state(true);
+                if let Some(bytes) = self.oversized.take() {
+                    self.emit(json!({"type": "error", "reason": format!(
+                        "an MQTT message of {bytes} bytes, over the {} the kiosk reads, cost the connection; commands sent meanwhile got no answer (send them again with the same command_id); set the broker's message_size_limit to refuse such messages",
+                        crate::mqtt::MAX_READ_PAYLOAD)}));
+                }
+            }
+            Event::Mqtt(LinkEvent::Oversized { bytes }) => self.oversized = Some(bytes),
             Event::Mqtt(LinkEvent::Disconnected { .. }) => {}
             Event::Mqtt(LinkEvent::Command(incoming)) => self.command(incoming),
             Event::Capture(progress) => self.capture_progress(progress),
@@ -319,13 +348,42 @@ impl Supervisor {
             }
         }
         self.send_status_line();
+        if self.last_prune.is_none_or(|t| now.saturating_sub(t) >= PRUNE_EVERY) {
+            self.last_prune = Some(now);
+            self.prune();
+        }
+    }
+
+    /// The retention rule: completed inspections (the cloud has them) older than
+    /// `buffer.completed_retention` leave the buffer, as `inspect` and `upload` do it.
+    fn prune(&mut self) {
+        let Some(retention) = self.config.buffer.completed_retention else { return };
+        let Some(cutoff) = self.clock.wall().checked_sub(retention) else { return };
+        let pruned = lock(&self.store).prune_completed(cutoff);
+        match pruned {
+            Ok(0) => {
+                log::debug!(retention_s = retention.as_secs(); "Retention ran; no completed inspection is old enough to prune")
+            }
+            Ok(count) => {
+                log::info!(inspections = count, retention_s = retention.as_secs(); "Retention pruned completed inspections from the buffer");
+                self.publish_state(false);
+            }
+            Err(e) => {
+                log::warn!(error:% = e; "Retention could not prune completed inspections; trying again later")
+            }
+        }
     }
 
     // ---- commands -------------------------------------------------------------------------
 
     fn command(&mut self, incoming: Incoming) {
         let name = incoming.name.clone();
-        let command = match command::parse(&name, &incoming.payload, self.clock.wall()) {
+        let parsed = if incoming.size > crate::mqtt::MAX_COMMAND_BYTES {
+            Err(command::oversized(&incoming.payload, incoming.size))
+        } else {
+            command::parse(&name, &incoming.payload, self.clock.wall())
+        };
+        let command = match parsed {
             Ok(c) => c,
             Err(refused) => {
                 if let Some(first) = refused.command_id.as_deref().and_then(|id| self.answered.get(id)) {

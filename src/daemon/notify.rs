@@ -87,16 +87,28 @@ pub fn start_allowance(buffer_bytes: u64) -> Duration {
     Duration::from_secs(30 + buffer_bytes / SLOW_STORAGE_BYTES_PER_SEC)
 }
 
-/// Whether `WATCHDOG=1` may be sent at `now`: every loop beat within `stall_limit`, and half
-/// the interval passed since the last one. Times are monotonic.
-pub fn watchdog_due(
-    now: Duration,
-    last_sent: Option<Duration>,
-    interval: Duration,
-    last_beats: &[Duration],
-) -> bool {
+/// When a loop last showed it is alive (monotonic), and how much longer than the stall limit
+/// it may then stay silent: the deadline of a request it is inside (a request has its own
+/// deadline, so waiting for it is progress, not a wedge). Zero for a plain beat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Beat {
+    pub at: Duration,
+    pub grace: Duration,
+}
+
+impl Beat {
+    /// A plain beat at `at`.
+    pub fn at(at: Duration) -> Beat {
+        Beat { at, grace: Duration::ZERO }
+    }
+}
+
+/// Whether `WATCHDOG=1` may be sent at `now`: every loop beat within half the interval (plus
+/// the grace its last beat asked for), and half the interval passed since the last one. Times
+/// are monotonic.
+pub fn watchdog_due(now: Duration, last_sent: Option<Duration>, interval: Duration, beats: &[Beat]) -> bool {
     let stall_limit = interval / 2;
-    let alive = last_beats.iter().all(|beat| now.saturating_sub(*beat) <= stall_limit);
+    let alive = beats.iter().all(|beat| now.saturating_sub(beat.at) <= stall_limit + beat.grace);
     let due = last_sent.is_none_or(|t| now.saturating_sub(t) >= interval / 2);
     alive && due
 }
@@ -116,11 +128,26 @@ mod tests {
     #[test]
     fn the_watchdog_is_fed_only_while_every_loop_beats() {
         let s = Duration::from_secs;
+        let b = |secs| Beat::at(s(secs));
         let interval = s(10);
-        assert!(watchdog_due(s(100), None, interval, &[s(99), s(98)]));
-        assert!(!watchdog_due(s(100), Some(s(97)), interval, &[s(99), s(98)]), "too soon after the last");
-        assert!(watchdog_due(s(100), Some(s(95)), interval, &[s(99), s(98)]));
-        assert!(!watchdog_due(s(100), Some(s(90)), interval, &[s(99), s(94)]), "one loop is wedged");
-        assert!(watchdog_due(s(100), Some(s(90)), interval, &[s(99), s(95)]));
+        assert!(watchdog_due(s(100), None, interval, &[b(99), b(98)]));
+        assert!(!watchdog_due(s(100), Some(s(97)), interval, &[b(99), b(98)]), "too soon after the last");
+        assert!(watchdog_due(s(100), Some(s(95)), interval, &[b(99), b(98)]));
+        assert!(!watchdog_due(s(100), Some(s(90)), interval, &[b(99), b(94)]), "one loop is wedged");
+        assert!(watchdog_due(s(100), Some(s(90)), interval, &[b(99), b(95)]));
+    }
+
+    #[test]
+    fn a_loop_inside_a_request_is_alive_until_the_request_deadline_passes() {
+        let s = Duration::from_secs;
+        let interval = s(10);
+        // Sent a request with a 60 s deadline at 40: alive until 40 + 5 + 60.
+        let in_request = Beat { at: s(40), grace: s(60) };
+        assert!(watchdog_due(s(100), None, interval, &[Beat::at(s(99)), in_request]));
+        assert!(watchdog_due(s(105), None, interval, &[Beat::at(s(104)), in_request]));
+        assert!(
+            !watchdog_due(s(106), None, interval, &[Beat::at(s(105)), in_request]),
+            "past the deadline: wedged"
+        );
     }
 }

@@ -1,6 +1,8 @@
 //! The seam between the daemon and the upload leg. The daemon runs a [`UploadLeg`] on a thread
 //! of its own and turns its [`UploadEvent`]s into `state` and `events` on MQTT; the leg reads
-//! and updates the buffer itself. [`CaptureOnly`] is the leg of a bay without `[cloud]`, [`CloudLeg`] the real one.
+//! and updates the buffer itself, through a handle the daemon gives it once the buffer is open
+//! ([`UploadLeg::attach`]). [`CaptureOnly`] is the leg of a bay without `[cloud]`, [`CloudLeg`]
+//! the real one.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,14 +10,24 @@ use std::time::Duration;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::store::{InspectionId, Store};
+use crate::upload::client::Alive;
 use crate::upload::{Event, Pump, Uploader};
 
 /// What the daemon needs from the upload leg; it runs on its own thread.
 pub trait UploadLeg: Send {
+    /// Called once by the daemon, after it opened the buffer (it is the only open of the file
+    /// as its owner) and before the leg's thread starts: the leg takes its own handle from
+    /// `buffer` ([`Store::another_handle`]) and reports requests in flight to `alive`, which
+    /// feeds the watchdog. A leg that needs neither ignores them.
+    fn attach(&mut self, buffer: &Store, alive: Alive) -> anyhow::Result<()> {
+        let _ = (buffer, alive);
+        Ok(())
+    }
+
     /// Does the upload work that is due now (possibly several requests) and returns how long
     /// the caller may sleep before calling again; a wake (new capture, `retry`) cuts the sleep
-    /// short. Must return within a few seconds even when the network stalls (the daemon's
-    /// watchdog is fed only while this loop comes back).
+    /// short. Must come back, or report to `alive`, within half the watchdog interval: every
+    /// request has a deadline, and `alive` covers the time up to it.
     fn pump(&mut self, events: &mut dyn FnMut(UploadEvent)) -> Duration;
 
     /// Forgets any wait (a new capture, an operator's retry); the next pump tries at once.
@@ -64,29 +76,30 @@ impl UploadLeg for CaptureOnly {
 /// the case id and how many images the session holds.
 pub struct CloudLeg {
     uploader: Uploader,
-    store: Store,
+    /// The leg's handle on the buffer, from [`UploadLeg::attach`].
+    store: Option<Store>,
 }
 
 impl CloudLeg {
-    /// Opens the leg: its own connection to the buffer in `state_dir`, and the account secret.
+    /// Makes the leg from `[cloud]` and the account secret. It touches no buffer: the daemon
+    /// opens that first (after asking systemd for the time a check may take) and hands the leg
+    /// its handle in [`UploadLeg::attach`].
     pub fn open(config: &Config, clock: Arc<dyn Clock>) -> anyhow::Result<Option<CloudLeg>> {
         let Some(cloud) = &config.cloud else {
             return Ok(None);
         };
-        let uploader = crate::upload::drain::uploader(cloud, clock.clone())?;
-        let store = Store::open(&config.state_dir, config.buffer.caps, clock.wall())?;
-        Ok(Some(CloudLeg { uploader, store }))
+        let uploader = crate::upload::drain::uploader(cloud, clock)?;
+        Ok(Some(CloudLeg { uploader, store: None }))
     }
 
-    fn translate(&self, event: Event) -> UploadEvent {
-        let case_of = |id: InspectionId| {
-            self.store.inspection(id).ok().flatten().map(|i| i.case_id).unwrap_or_default()
-        };
+    fn translate(store: &Store, event: Event) -> UploadEvent {
+        let case_of =
+            |id: InspectionId| store.inspection(id).ok().flatten().map(|i| i.case_id).unwrap_or_default();
         match event {
             Event::Started { id, case_id } => UploadEvent::Started { inspection_id: id.0, case_id },
             Event::Sent { id, bytes, .. } => {
-                let total = self.store.inspection(id).ok().flatten().map_or(0, |i| i.images);
-                let sent = self.store.upload_state(id).map_or(0, |u| u.sent);
+                let total = store.inspection(id).ok().flatten().map_or(0, |i| i.images);
+                let sent = store.upload_state(id).map_or(0, |u| u.sent);
                 UploadEvent::Progress {
                     inspection_id: id.0,
                     case_id: case_of(id),
@@ -114,11 +127,24 @@ impl CloudLeg {
 }
 
 impl UploadLeg for CloudLeg {
+    fn attach(&mut self, buffer: &Store, alive: Alive) -> anyhow::Result<()> {
+        let store = buffer.another_handle().map_err(|e| {
+            anyhow::anyhow!("the upload leg cannot open its handle on {}: {e}", buffer.path().display())
+        })?;
+        self.store = Some(store);
+        self.uploader.set_alive(alive);
+        Ok(())
+    }
+
     fn pump(&mut self, events: &mut dyn FnMut(UploadEvent)) -> Duration {
+        let Some(store) = self.store.as_mut() else {
+            log::error!("The upload leg was started without a handle on the buffer; nothing is uploaded");
+            return Duration::from_secs(3600);
+        };
         let mut happened = Vec::new();
-        let next = self.uploader.pump(&mut self.store, &mut |e| happened.push(e));
+        let next = self.uploader.pump(store, &mut |e| happened.push(e));
         for event in happened {
-            events(self.translate(event));
+            events(Self::translate(store, event));
         }
         match next {
             Pump::Progress => Duration::ZERO,

@@ -23,6 +23,16 @@ pub const OUTBOX_CAPACITY: usize = 256;
 pub const STATE_MIN_INTERVAL: Duration = Duration::from_millis(200);
 /// Largest command payload accepted; bigger ones are answered `rejected` unread.
 pub const MAX_COMMAND_BYTES: usize = 16 * 1024;
+/// Largest payload the link reads whole from the broker, so that an oversized command is
+/// answered (`rejected`, naming the limit) instead of costing the connection. A bigger packet
+/// breaks the connection (the client cannot skip it): the broker should refuse those first,
+/// with `message_size_limit 1048576` in `mosquitto.conf` (see the README).
+pub const MAX_READ_PAYLOAD: usize = 1 << 20;
+/// The client's incoming packet limit: [`MAX_READ_PAYLOAD`] under the longest topic MQTT allows
+/// (its 2-byte length, 65 535 bytes of name, the 2-byte packet id).
+const MAX_INCOMING_PACKET: usize = MAX_READ_PAYLOAD + 2 + 65_535 + 2;
+/// The client's outgoing packet limit: `state`, events and acks are a few KiB.
+const MAX_OUTGOING_PACKET: usize = 64 * 1024;
 
 /// The topics of one bay.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,7 +71,11 @@ impl Topics {
 #[derive(Debug, Clone)]
 pub struct Incoming {
     pub name: String,
+    /// The payload, cut after `MAX_COMMAND_BYTES + 1` bytes (enough to refuse it and find its
+    /// `command_id`).
     pub payload: Vec<u8>,
+    /// The payload's real length.
+    pub size: usize,
 }
 
 /// What the link tells its owner.
@@ -72,6 +86,11 @@ pub enum LinkEvent {
     /// The connection was lost; `reason` says why.
     Disconnected {
         reason: String,
+    },
+    /// The broker sent a packet of `bytes`, over what the link reads ([`MAX_READ_PAYLOAD`]); the
+    /// connection was lost over it and is being made again. Nothing can answer that message.
+    Oversized {
+        bytes: usize,
     },
     Command(Incoming),
 }
@@ -139,7 +158,7 @@ impl Link {
         let mut options = MqttOptions::new(client_id, config.host.clone(), config.port);
         options.set_keep_alive(Duration::from_secs(10));
         options.set_clean_session(true);
-        options.set_max_packet_size(64 * 1024, 64 * 1024);
+        options.set_max_packet_size(MAX_INCOMING_PACKET, MAX_OUTGOING_PACKET);
         options.set_last_will(LastWill::new(topics.status(), "offline", QoS::AtLeastOnce, true));
         if let Some(user) = &config.username {
             options.set_credentials(user.clone(), password(config)?.unwrap_or_default());
@@ -246,9 +265,9 @@ impl Link {
                     failures = 0;
                     let _ = self.shared.client.try_subscribe(self.topics.commands(), QoS::AtLeastOnce);
                     {
+                        // Events and acks queued before a loss stay queued and go out now.
                         let mut outbox = self.outbox();
                         outbox.announce = true;
-                        outbox.queue.clear();
                         if outbox.state.is_none() {
                             outbox.state = outbox.last_state.clone();
                         }
@@ -264,13 +283,11 @@ impl Link {
                         log::warn!(command = name; "Retained MQTT command ignored");
                         continue;
                     }
-                    let payload = if p.payload.len() > MAX_COMMAND_BYTES {
-                        // Left for the parser to refuse with a reason.
-                        p.payload[..MAX_COMMAND_BYTES + 1].to_vec()
-                    } else {
-                        p.payload.to_vec()
-                    };
-                    on_event(LinkEvent::Command(Incoming { name: name.to_owned(), payload }));
+                    // An oversized payload is left for the parser to refuse with a reason; its
+                    // beginning is enough to find the command id.
+                    let size = p.payload.len();
+                    let payload = p.payload[..size.min(MAX_COMMAND_BYTES + 1)].to_vec();
+                    on_event(LinkEvent::Command(Incoming { name: name.to_owned(), payload, size }));
                 }
                 Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
                     self.shared.connected.store(false, Ordering::SeqCst);
@@ -283,6 +300,10 @@ impl Link {
                         return;
                     }
                     let reason = e.to_string();
+                    if let Some(bytes) = oversized(&e) {
+                        log::warn!(bytes = bytes, limit = MAX_READ_PAYLOAD; "MQTT message over the size the kiosk reads; the connection is made again (set the broker's message_size_limit to refuse such messages)");
+                        on_event(LinkEvent::Oversized { bytes });
+                    }
                     if was {
                         log::warn!(reason = reason.as_str(); "MQTT broker connection lost");
                         on_event(LinkEvent::Disconnected { reason: reason.clone() });
@@ -337,14 +358,26 @@ impl Link {
                 }
             }
             while let Some((topic, payload)) = outbox.queue.pop_front() {
-                if client.try_publish(topic, QoS::AtLeastOnce, false, payload).is_err() {
-                    self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+                if client.try_publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone()).is_err() {
+                    // rumqttc's request queue is full (a burst): keep it for the next round.
+                    outbox.queue.push_front((topic, payload));
+                    break;
                 }
             }
             drop(outbox);
             // rumqttc's request queue full: give it a moment rather than spin.
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+}
+
+/// The size of the packet that broke the connection, when that is what happened.
+fn oversized(e: &rumqttc::ConnectionError) -> Option<usize> {
+    match e {
+        rumqttc::ConnectionError::MqttState(rumqttc::StateError::Deserialization(
+            rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(bytes),
+        )) => Some(*bytes),
+        _ => None,
     }
 }
 

@@ -132,6 +132,8 @@ struct Session {
     /// By index into [`LABELS`].
     photos: BTreeMap<usize, Photo>,
     completions: usize,
+    /// `/api/complete` calls refused `409` because the session was already consumed.
+    completes_after_consumed: usize,
     completed_labels: Vec<String>,
     upload_requests: usize,
     replays: usize,
@@ -200,6 +202,7 @@ impl Session {
             expires_at: self.expires_at,
             completed: self.completed(),
             completions: self.completions,
+            completes_after_consumed: self.completes_after_consumed,
             completed_labels: self.completed_labels.clone(),
             upload_requests: self.upload_requests,
             idempotent_replays: self.replays,
@@ -234,6 +237,11 @@ impl State {
             self.requests.pop_front();
         }
         self.requests.push_back(record);
+    }
+
+    /// Every token issued so far (access and refresh), in no order.
+    pub fn issued_tokens(&self) -> Vec<String> {
+        self.tokens.keys().cloned().collect()
     }
 
     pub fn expire_all_tokens(&mut self) {
@@ -427,6 +435,7 @@ fn authenticate(
             expired_by_hand: false,
             photos: BTreeMap::new(),
             completions: 0,
+            completes_after_consumed: 0,
             completed_labels: Vec::new(),
             upload_requests: 0,
             replays: 0,
@@ -767,6 +776,7 @@ fn complete(
         errors.into_result()?;
     }
     if session.completed() {
+        session.completes_after_consumed += 1;
         return Err(Response::message(409, SESSION_CONSUMED));
     }
     if session.expired(now) {

@@ -12,7 +12,7 @@ pub(crate) enum Action {
     Reset,
     /// Hold the connection without answering, then close it; no effect on the state.
     Stall(Duration),
-    /// Process the upload (store its files), then reset instead of answering.
+    /// Process the request (store, or complete), then reset instead of answering.
     DropAfterAccepting,
     /// Process the request (store, or complete), then hold the connection without answering
     /// for this long and close it: the client cannot know it took effect.

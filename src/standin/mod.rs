@@ -22,6 +22,8 @@
 //!   `errors` shape; JSON endpoints want `Content-Type: application/json` (`415` otherwise).
 //! - A completed session stays `PROCESS` for good (it never expires and never reaches
 //!   `COMPLETE`); `/api/complete` may list fewer labels than were uploaded, but not none.
+//!   A second complete of a consumed session gets `409` and is counted
+//!   ([`StandIn::completes_after_consumed`]): the spec forbids it, so tests can insist on zero.
 //! - The size cap counts the body (`Content-Length`); chunked bodies get `411`.
 //! - `401` bodies carry the spec's `message` plus a `detail` saying which check failed.
 //!
@@ -142,6 +144,10 @@ pub struct SessionRecord {
     pub completed: bool,
     /// How many `/api/complete` calls succeeded (more than 1 is impossible by the rules).
     pub completions: usize,
+    /// `/api/complete` calls that came after the session was consumed (answered `409`). The
+    /// spec forbids them: a client that lost the answer to its complete must ask
+    /// `GET /v1/sessions/{s}`, not complete again.
+    pub completes_after_consumed: usize,
     /// The labels the successful `/api/complete` listed.
     pub completed_labels: Vec<String>,
     /// Upload requests that stored files (idempotent replays not counted).
@@ -198,7 +204,8 @@ pub enum FaultKind {
     Reset,
     /// The connection was held without an answer, then closed; nothing happened.
     Stalled,
-    /// The upload was stored, then the connection was reset without an answer.
+    /// The upload was stored (or the complete took effect), then the connection was reset
+    /// without an answer.
     DroppedAfterAccepting,
     /// The request took effect, then the connection was held without an answer and closed.
     HeldAfterAccepting,
@@ -337,6 +344,19 @@ impl StandIn {
         api::lock(&self.shared.state).secret_leaks
     }
 
+    /// `/api/complete` calls, over every session, on a session already consumed: the spec
+    /// forbids them, so a correct client keeps this at zero (see
+    /// [`SessionRecord::completes_after_consumed`]).
+    pub fn completes_after_consumed(&self) -> usize {
+        self.sessions().iter().map(|s| s.completes_after_consumed).sum()
+    }
+
+    /// Every bearer token the stand-in issued (access and refresh), so that a test can look
+    /// for them where they must never be (logs, MQTT). Secrets: for tests only.
+    pub fn issued_tokens(&self) -> Vec<String> {
+        api::lock(&self.shared.state).issued_tokens()
+    }
+
     // --- Faults -------------------------------------------------------------------------------
 
     /// The next `count` uploads are answered `status` (meant for 429 or 503) with
@@ -355,7 +375,14 @@ impl StandIn {
     /// The next `count` uploads that succeed are stored in full, then their connection is reset
     /// instead of answered. An upload that fails is answered and does not use up the fault.
     pub fn drop_after_accepting_next_uploads(&self, count: usize) {
-        lock(&self.shared.faults).arm(faults::Action::DropAfterAccepting, count, Some("/api/upload"));
+        self.drop_after_accepting_next(count, "/api/upload");
+    }
+
+    /// The next `count` requests to `path` (`/api/upload` or `/api/complete`) that succeed take
+    /// effect in full, then their connection is reset instead of answered. One that fails is
+    /// answered and does not use up the fault.
+    pub fn drop_after_accepting_next(&self, count: usize, path: &str) {
+        lock(&self.shared.faults).arm(faults::Action::DropAfterAccepting, count, Some(path));
     }
 
     /// The next `count` requests (to `path`, or to any path) are held open without an answer

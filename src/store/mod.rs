@@ -132,6 +132,7 @@ mod caps;
 mod commands;
 mod disk;
 mod error;
+mod handle;
 mod lifecycle;
 mod schema;
 mod upload;

@@ -24,6 +24,11 @@ use crate::vehicle::PhotoLabel;
 /// The largest answer body read; the API's answers are small JSON documents.
 const MAX_ANSWER_BYTES: u64 = 1 << 20;
 
+/// Told that the client is working: before each request with the request's deadline (the
+/// client may be silent that long, waiting is progress), and with zero once the answer is in.
+/// The daemon feeds its watchdog from it, so a long upload is not taken for a wedge.
+pub type Alive = Arc<dyn Fn(Duration) + Send + Sync>;
+
 /// The tokens of one session, from `/api/authenticate`. Only the refresh token is ever sent
 /// (as the upload bearer); `Debug` shows neither.
 pub struct Tokens {
@@ -106,6 +111,8 @@ pub struct Client {
     agent: ureq::Agent,
     clock: Arc<dyn Clock>,
     clock_trust: ClockTrust,
+    request_timeout: Duration,
+    alive: Option<Alive>,
 }
 
 impl fmt::Debug for Client {
@@ -141,7 +148,14 @@ impl Client {
             agent,
             clock,
             clock_trust: ClockTrust::Unknown,
+            request_timeout: config.request_timeout,
+            alive: None,
         }
+    }
+
+    /// Reports every request to `alive` (see [`Alive`]).
+    pub fn set_alive(&mut self, alive: Alive) {
+        self.alive = Some(alive);
     }
 
     /// What the last server `Date` said about the kiosk's clock.
@@ -158,14 +172,17 @@ impl Client {
     pub fn probe_clock(&mut self) -> Result<ClockTrust, Failure> {
         let url = format!("{}/", self.base_url);
         let what = "reach the cloud";
-        match self.agent.get(&url).call() {
+        self.in_flight();
+        let result = match self.agent.get(&url).call() {
             Ok(mut response) => {
                 self.learn_clock(&response);
                 let _ = response.body_mut().with_config().limit(MAX_ANSWER_BYTES).read_to_vec();
                 Ok(self.clock_trust)
             }
             Err(e) => Err(network_failure(what, &e)),
-        }
+        };
+        self.landed();
+        result
     }
 
     /// `POST /api/authenticate`: a new single-use session for one inspection. `vehicle` is the
@@ -214,6 +231,7 @@ impl Client {
         let boundary = format!("capture-kiosk-{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
         let body = multipart(&boundary, &tokens.session, case_id, parts);
         let url = format!("{}/api/upload", self.base_url);
+        self.in_flight();
         let sent = self
             .agent
             .post(&url)
@@ -248,6 +266,7 @@ impl Client {
         let what = format!("look up session {session}");
         let url = format!("{}/v1/sessions/{}", self.base_url, session);
         let signature = sign(&self.secret, &self.username, &self.api_key, self.clock.wall());
+        self.in_flight();
         let sent = self
             .agent
             .get(&url)
@@ -265,6 +284,7 @@ impl Client {
         // Signed at send time: the timestamp is taken just before the request leaves.
         let signature = sign(&self.secret, &self.username, &self.api_key, self.clock.wall());
         let bytes = serde_json::to_vec(body).unwrap_or_default();
+        self.in_flight();
         let sent = self
             .agent
             .post(&url)
@@ -276,7 +296,32 @@ impl Client {
         self.read(sent, what, true)
     }
 
+    /// A request is about to leave: it may take up to its deadline.
+    fn in_flight(&self) {
+        if let Some(alive) = &self.alive {
+            alive(self.request_timeout);
+        }
+    }
+
+    /// The answer is in (or the request failed).
+    fn landed(&self) {
+        if let Some(alive) = &self.alive {
+            alive(Duration::ZERO);
+        }
+    }
+
     fn read(
+        &mut self,
+        sent: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+        what: &str,
+        signed: bool,
+    ) -> Result<Answer, Failure> {
+        let answer = self.read_answer(sent, what, signed);
+        self.landed();
+        answer
+    }
+
+    fn read_answer(
         &mut self,
         sent: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
         what: &str,

@@ -18,9 +18,11 @@
 //!    `cloud.max_request_bytes` bytes, each with an `Idempotency-Key` derived from the session
 //!    and the files' hashes, so a retry of a request whose answer was lost stores nothing twice.
 //!    What the server confirms is committed to the buffer (`sent`).
-//! 4. **Complete**, listing every captured label; `409` → ask the session (a lost answer to an
-//!    earlier complete means it is done). Then the inspection is `completed`; its images stay
-//!    until the retention rule prunes them.
+//! 4. **Complete**, listing every captured label. A complete whose answer was lost (reset,
+//!    deadline, 5xx) is never sent again blind: the tokens are forgotten, so the next try asks
+//!    `GET /v1/sessions/{s}` first, exactly as after a restart (step 2), and completes again only
+//!    a session the cloud says is still open. `409` → ask the session too. Then the inspection
+//!    is `completed`; its images stay until the retention rule prunes them.
 //!
 //! Answers are sorted by [`classify`](super::policy::classify): `401` on upload, `410`, `409` →
 //! the session is given up and every image goes again under a new one; `429`/`503` → wait
@@ -151,6 +153,11 @@ impl Uploader {
             given_up: Vec::new(),
             told_kernel_unsynced: false,
         }
+    }
+
+    /// Reports every request to `alive`, so that a watchdog sees a long upload make progress.
+    pub fn set_alive(&mut self, alive: super::client::Alive) {
+        self.client.set_alive(alive);
     }
 
     /// Replaces the random source of the backoff's jitter (values in `[0, 1)`).
@@ -334,6 +341,15 @@ impl Uploader {
             Err(f) if matches!(f.verdict, Verdict::Permanent(_)) && !f.missing.is_empty() => {
                 // The server lost images it had confirmed: send everything again, fresh.
                 self.give_up(store, id, &session, &f.detail)
+            }
+            Err(f) if f.verdict == Verdict::Backoff => {
+                // No answer (a reset, the deadline, a 5xx, an unreadable 2xx): the cloud may have
+                // completed the session. Forgetting the tokens puts the uploader where a restart
+                // would: the next try asks `GET /v1/sessions/{s}` and completes only a session
+                // the cloud says is still open. A second complete is never sent blind.
+                log::warn!(inspection_id = id.0, session = session.as_str(); "The answer to complete was lost; the session is asked about before anything else");
+                self.tokens = None;
+                Err(self.failure(store, id, &session, f, events))
             }
             Err(f) => Err(self.failure(store, id, &session, f, events)),
         }
