@@ -54,10 +54,16 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Check a configuration file; exits 0 when it is valid.
+    /// Check a configuration file and the buffer it names (a full integrity check and a sha256
+    /// of every image, read-only, safe while the daemon runs); exits 0 when the config is valid,
+    /// the buffer sound and no salvage of a damaged buffer waits to be acknowledged.
     Check {
         #[arg(long)]
         config: PathBuf,
+        /// Acknowledge the reports of a buffer salvaged from a damaged file, once what they
+        /// list as lost is accounted for; the kiosk leaves its alert.
+        #[arg(long)]
+        ack_recovery: bool,
     },
     /// Capture one inspection now and store it in the buffer.
     Inspect {
@@ -147,7 +153,7 @@ pub enum Command {
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
-        Command::Check { config } => check(&config),
+        Command::Check { config, ack_recovery } => check(&config, ack_recovery),
         Command::Inspect { config, case_id, vin, angles, no_upload, upload_wait } => {
             let upload = (!no_upload).then_some(upload_wait);
             inspect(&config, &case_id, vin.as_deref(), angles.as_deref(), upload)
@@ -177,7 +183,7 @@ fn load(path: &Path) -> Result<Config, u8> {
     })
 }
 
-fn check(path: &Path) -> anyhow::Result<u8> {
+fn check(path: &Path, ack_recovery: bool) -> anyhow::Result<u8> {
     let config = match load(path) {
         Ok(c) => c,
         Err(code) => return Ok(code),
@@ -190,7 +196,82 @@ fn check(path: &Path) -> anyhow::Result<u8> {
         config.inspection.angles.iter().map(|a| a.as_str()).collect::<Vec<_>>().join(","),
         config.state_dir.display()
     );
-    Ok(EXIT_OK)
+    let buffer = crate::store::check_buffer(&config.state_dir)
+        .with_context(|| format!("the buffer in {} cannot be checked", config.state_dir.display()))?;
+    if !buffer.exists {
+        println!("buffer {}: none yet; it is created at the first start", buffer.path.display());
+        return Ok(EXIT_OK);
+    }
+    if !buffer.problems.is_empty() {
+        eprintln!(
+            "error: buffer {} is damaged: {}; nothing was changed; the next start of capture-kiosk \
+             salvages what it still holds into a fresh buffer and keeps the damaged file aside",
+            buffer.path.display(),
+            buffer.problems.iter().take(10).cloned().collect::<Vec<_>>().join("; ")
+        );
+        return Ok(EXIT_FAILED);
+    }
+    println!(
+        "buffer {}: sound (integrity_check ok, {} image(s) match their sha256)",
+        buffer.path.display(),
+        buffer.images_checked
+    );
+    if buffer.unacknowledged.is_empty() {
+        return Ok(EXIT_OK);
+    }
+    if ack_recovery {
+        let done = crate::store::acknowledge_recoveries(&config.state_dir, SystemTime::now())
+            .context("the salvage reports cannot be acknowledged")?;
+        for r in &done {
+            println!("acknowledged: {}", r.summary());
+        }
+        return Ok(EXIT_OK);
+    }
+    eprint!("{}", recovery_banner(&buffer.unacknowledged, path));
+    eprintln!("error: the buffer was salvaged from a damaged file and the report is not acknowledged");
+    Ok(EXIT_FAILED)
+}
+
+/// The lines `queue` and `check` show while a salvage report is not acknowledged.
+fn recovery_banner(records: &[crate::store::RecoveryRecord], config: &Path) -> String {
+    let mut out = String::new();
+    for r in records {
+        out.push_str(&format!(
+            "!!! BUFFER SALVAGED FROM A DAMAGED FILE at {}: {} inspection(s), {} image(s) recovered; \
+             check what was lost !!!\n",
+            crate::clock::rfc3339_seconds(r.at),
+            r.report.inspections_recovered,
+            r.report.images_recovered
+        ));
+        for lost in &r.report.lost {
+            out.push_str(&format!("!!!   lost: {}\n", lost.describe()));
+        }
+        if r.report.lost_without_case_id > 0 {
+            out.push_str(&format!(
+                "!!!   lost: {} inspection(s) whose case id is unreadable\n",
+                r.report.lost_without_case_id
+            ));
+        }
+        if r.report.images_unaccounted > 0 {
+            out.push_str(&format!(
+                "!!!   lost: {} image(s) of no readable inspection\n",
+                r.report.images_unaccounted
+            ));
+        }
+        if r.report.more_may_be_lost {
+            out.push_str("!!!   more may be lost: part of the inspections table is unreadable\n");
+        }
+        for note in &r.report.notes {
+            out.push_str(&format!("!!!   note: {note}\n"));
+        }
+        out.push_str(&format!("!!!   damage: {}\n", r.damage));
+        out.push_str(&format!("!!!   the damaged file is kept, untouched, at {}\n", r.moved_to.display()));
+    }
+    out.push_str(&format!(
+        "!!! once the lost evidence is accounted for: capture-kiosk check --config {} --ack-recovery\n",
+        config.display()
+    ));
+    out
 }
 
 fn open_store(config: &Config) -> anyhow::Result<Store> {
@@ -365,6 +446,7 @@ fn queue(path: &Path, json: bool) -> anyhow::Result<u8> {
     let list = store.list()?;
     let totals = store.totals()?;
     let uploads = store.upload_states()?;
+    let recoveries = store.recoveries()?;
     let now = SystemTime::now();
     if json {
         let inspections: Vec<serde_json::Value> = list
@@ -378,10 +460,15 @@ fn queue(path: &Path, json: bool) -> anyhow::Result<u8> {
                 v
             })
             .collect();
-        let out =
-            serde_json::json!({ "bay_id": config.bay_id, "inspections": inspections, "totals": totals });
+        let recoveries: Vec<serde_json::Value> = recoveries.iter().map(|r| r.to_json()).collect();
+        let out = serde_json::json!({ "bay_id": config.bay_id, "inspections": inspections, "totals": totals,
+            "recoveries": recoveries });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(EXIT_OK);
+    }
+    let open: Vec<_> = recoveries.into_iter().filter(|r| !r.acknowledged()).collect();
+    if !open.is_empty() {
+        print!("{}", recovery_banner(&open, path));
     }
     println!(
         "{:>6}  {:<20} {:<10} {:>6} {:>10} {:>8} {:>8}  note",

@@ -130,6 +130,9 @@ pub fn start(config: Config, deps: Deps) -> anyhow::Result<Daemon> {
     for id in &store.recovery().interrupted {
         log::warn!(inspection_id = id.0; "Inspection interrupted by the previous run was marked cancelled");
     }
+    for r in store.unacknowledged_recoveries().unwrap_or_default() {
+        log::error!(recovery_id = r.id, summary = r.summary().as_str(); "The buffer was salvaged from a damaged file and the report is not acknowledged");
+    }
     let beats = Beats::new(clock.monotonic());
     // The upload leg's handle comes from this open: one owner, one recovery, one check.
     let mut leg = deps.upload;
@@ -213,6 +216,7 @@ pub fn start(config: Config, deps: Deps) -> anyhow::Result<Daemon> {
         last_status_line: String::new(),
         last_prune: None,
         oversized: None,
+        recoveries_announced: false,
     };
     supervisor.recall_answers();
     supervisor.publish_state(true);
@@ -294,6 +298,8 @@ struct Supervisor {
     last_prune: Option<Duration>,
     /// The size of an MQTT message that cost the connection, told once it is back.
     oversized: Option<usize>,
+    /// Whether this start already sent `buffer_recovered` for the unacknowledged salvages.
+    recoveries_announced: bool,
 }
 
 impl Supervisor {
@@ -316,6 +322,7 @@ impl Supervisor {
             Event::Signal(Signal::Reload) => self.reload(),
             Event::Signal(Signal::Terminate) => {}
             Event::Mqtt(LinkEvent::Connected) => {
+                self.announce_recoveries();
                 self.publish_state(true);
                 if let Some(bytes) = self.oversized.take() {
                     self.emit(json!({"type": "error", "reason": format!(
@@ -728,6 +735,20 @@ impl Supervisor {
 
     // ---- status ----------------------------------------------------------------------------
 
+    /// `buffer_recovered`, once per start (at the first connection, so that it is not dropped
+    /// as sent while offline), for every salvage of a damaged buffer not acknowledged yet.
+    fn announce_recoveries(&mut self) {
+        if self.recoveries_announced {
+            return;
+        }
+        self.recoveries_announced = true;
+        let open = lock(&self.store).unacknowledged_recoveries().unwrap_or_default();
+        for r in open {
+            self.emit(json!({"type": "buffer_recovered", "recovery_id": r.id, "at": rfc3339_seconds(r.at),
+                "moved_to": r.moved_to, "damage": r.damage, "reason": r.summary(), "report": r.report}));
+        }
+    }
+
     fn emit(&mut self, mut event: Value) {
         self.seq += 1;
         event["ts"] = json!(rfc3339_seconds(self.clock.wall()));
@@ -758,6 +779,17 @@ impl Supervisor {
             .would_refuse(self.config.inspection.angles.len(), settings.expected_image_bytes())
             .map(|r| r.is_some())
             .unwrap_or(true);
+        // A salvaged buffer lost evidence: a human must account for it and acknowledge.
+        let mut alerts: Vec<Value> = store
+            .unacknowledged_recoveries()
+            .unwrap_or_default()
+            .iter()
+            .map(|r| json!({"type": "buffer_recovered", "reason": r.summary()}))
+            .collect();
+        if let Some(found) = store.damage_found() {
+            let reason = format!("the buffer is damaged ({found}); restart the kiosk to salvage it");
+            alerts.push(json!({"type": "buffer_damaged", "reason": reason}));
+        }
         drop(store);
         let buffer = match &totals {
             Ok(t) => json!({
@@ -788,10 +820,11 @@ impl Supervisor {
                 (c.id.clone(), v)
             })
             .collect();
-        let lifecycle = if full || totals.is_err() { "alert" } else { "ready" };
+        let lifecycle = if full || totals.is_err() || !alerts.is_empty() { "alert" } else { "ready" };
         let body = json!({
             "version": env!("CARGO_PKG_VERSION"),
             "lifecycle": lifecycle,
+            "alerts": alerts,
             "stage": self.stage(),
             "inspection": inspection,
             "cameras": cameras,

@@ -51,31 +51,36 @@ pub(crate) fn try_lock(path: &Path) -> io::Result<Option<File>> {
     }
 }
 
-/// Renames the database at `path` and its `-wal` and `-shm` files to
-/// `<path>.corrupt-<unix ms>` (plus the same suffixes), never overwriting an earlier one, and
-/// syncs the directory. Returns the new name of the database file. Deletes nothing.
-pub(crate) fn move_aside(path: &Path, now: SystemTime) -> io::Result<PathBuf> {
+/// The name a damaged file at `path` is moved aside to now: the first
+/// `<path>.corrupt-<unix ms>` (counting up from `now`) that no file of an earlier move holds,
+/// so an earlier copy is never overwritten.
+pub(crate) fn aside_name(path: &Path, now: SystemTime) -> PathBuf {
     let mut millis = unix_millis(now);
-    let target = loop {
+    loop {
         let candidate = with_suffix(path, &format!(".corrupt-{millis}"));
         let taken = ["", "-wal", "-shm"].iter().any(|s| exists(&with_suffix(&candidate, s)));
         if !taken {
-            break candidate;
+            return candidate;
         }
         millis += 1;
-    };
+    }
+}
+
+/// Renames the database at `path` and its `-wal` and `-shm` files to `target` (plus the same
+/// suffixes) and syncs the directory. Deletes nothing.
+pub(crate) fn move_to(path: &Path, target: &Path) -> io::Result<()> {
     // The companions go first: a stale WAL left next to a fresh database could be replayed
     // into it, while a database left without its WAL is merely still damaged.
     for suffix in ["-wal", "-shm", ""] {
         let from = with_suffix(path, suffix);
         if exists(&from) {
-            std::fs::rename(&from, with_suffix(&target, suffix))?;
+            std::fs::rename(&from, with_suffix(target, suffix))?;
         }
     }
     if let Some(dir) = path.parent() {
         sync_dir(dir)?;
     }
-    Ok(target)
+    Ok(())
 }
 
 /// Makes the directory's entries (a created or renamed file) durable.
@@ -90,7 +95,7 @@ pub(crate) fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(name)
 }
 
-fn exists(path: &Path) -> bool {
+pub(crate) fn exists(path: &Path) -> bool {
     std::fs::symlink_metadata(path).is_ok()
 }
 
@@ -124,10 +129,15 @@ mod tests {
         let now = UNIX_EPOCH + Duration::from_millis(1_800_000_000_123);
         std::fs::write(&path, b"first").unwrap();
         std::fs::write(with_suffix(&path, "-wal"), b"first wal").unwrap();
-        let first = move_aside(&path, now).unwrap();
+        let move_aside = |path: &Path| {
+            let target = aside_name(path, now);
+            move_to(path, &target).unwrap();
+            target
+        };
+        let first = move_aside(&path);
         assert_eq!(first, dir.path().join("buffer.sqlite3.corrupt-1800000000123"));
         std::fs::write(&path, b"second").unwrap();
-        let second = move_aside(&path, now).unwrap();
+        let second = move_aside(&path);
         assert_eq!(second, dir.path().join("buffer.sqlite3.corrupt-1800000000124"));
         assert_eq!(std::fs::read(&first).unwrap(), b"first");
         assert_eq!(std::fs::read(with_suffix(&first, "-wal")).unwrap(), b"first wal");

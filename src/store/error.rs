@@ -67,13 +67,14 @@ pub enum StoreError {
     NoWal { path: PathBuf, mode: String },
 
     /// SQLite reports the file as damaged, or an image's bytes no longer match their sha256.
-    /// At open a damaged file is moved aside and a fresh buffer started; this error is seen
+    /// At open a damaged file is salvaged into a fresh buffer and moved aside; this error is seen
     /// when that is not possible (another process holds the buffer) or when the damage shows
     /// later. Retrying does not help.
     #[error(
         "buffer {path} is damaged: {detail}; stop capture-kiosk and check it with \
-         `sqlite3 {path} 'PRAGMA integrity_check'`; at its next start capture-kiosk moves a \
-         damaged file aside (never deleting it) and starts a fresh buffer"
+         `sqlite3 {path} 'PRAGMA integrity_check'`; at its next start capture-kiosk salvages \
+         what the damaged file still holds into a fresh buffer and keeps the file aside, never \
+         deleting it"
     )]
     Corrupt { path: PathBuf, detail: String },
 

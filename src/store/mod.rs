@@ -61,7 +61,10 @@
 //! in it changes. Version 1 is the capture tables above; version 2 adds the upload state below;
 //! version 3 adds `commands` (`seq`, `command_id` unique, `answer` JSON, `at`): the daemon's
 //! answers to the last `REMEMBERED_COMMANDS` commands, so a command id seen before a restart is
-//! answered with its first outcome and not executed twice (`store/commands.rs`).
+//! answered with its first outcome and not executed twice (`store/commands.rs`). Version 4 adds
+//! `recoveries` (`id`, `at`, `moved_to`, `damage`, `report` JSON, `acknowledged_at`): the
+//! reports of salvages from a damaged file, kept until an operator acknowledges them
+//! (`store/salvage.rs`).
 //!
 //! ## Upload state (schema version 2)
 //!
@@ -110,17 +113,22 @@
 //!   failures are only recorded while the inspection is `capturing`.
 //! - **Nothing stays `capturing` across a restart**: the owner's open cancels what a dead
 //!   process left capturing, keeping its images (see below).
-//! - **A damaged file is moved aside, never deleted**, and the move is logged at ERROR.
+//! - **A damaged file is moved aside, never deleted**, and the move is logged at ERROR. What
+//!   it still holds whose sha256 matches is salvaged into the fresh buffer first, and the
+//!   report of what was recovered and lost stays in `recoveries` until acknowledged.
 //!
 //! # At open
 //!
 //! 1. The state directory is created if missing, and the lock taken if free. Only the lock's
 //!    holder (the owner) runs recovery; another process opening the buffer meanwhile (the CLI
 //!    while the daemon runs) skips it, since the inspections being captured are alive.
-//! 2. The owner runs `PRAGMA quick_check`. A file that is not a database or fails the check
-//!    is renamed, with its `-wal` and `-shm`, to `buffer.sqlite3.corrupt-<unix ms>` (logged at
-//!    ERROR) and a fresh buffer is started. A locked file or a permission problem is not
-//!    damage: it is an error naming the path and the fix, and nothing moves.
+//! 2. The owner runs `PRAGMA quick_check`. From a file that is not a database, fails the
+//!    check or was noted damaged (an image whose sha256 no longer matches, found by
+//!    [`Store::image_jpeg`] or `check`: `buffer.sqlite3.damaged`), every inspection and image still readable whose sha256 matches is salvaged into a
+//!    fresh buffer (`store/salvage.rs`), then the file is renamed, untouched, with its `-wal`
+//!    and `-shm`, to `buffer.sqlite3.corrupt-<unix ms>` and the fresh buffer takes its place,
+//!    with a report in `recoveries` (logged at ERROR). A locked file or a permission problem
+//!    is not damage: it is an error naming the path and the fix, and nothing moves.
 //! 3. The schema is migrated forward.
 //! 4. The owner cancels every inspection still `capturing`, with the reason "capture
 //!    interrupted: the kiosk stopped before this inspection finished; N images kept", logged at
@@ -134,6 +142,7 @@ mod disk;
 mod error;
 mod handle;
 mod lifecycle;
+mod salvage;
 mod schema;
 mod upload;
 
@@ -153,6 +162,10 @@ use crate::vehicle::{CaseId, PhotoLabel, Vehicle};
 
 pub use caps::Refusal;
 pub use error::StoreError;
+pub use salvage::{
+    acknowledge_recoveries, check_buffer, BufferCheck, LostAngle, LostInspection, RecoveryRecord,
+    SalvageReport,
+};
 pub use schema::SCHEMA_VERSION;
 pub use upload::UploadState;
 
@@ -325,7 +338,8 @@ pub struct Recovery {
     /// cancelled with its images kept.
     pub interrupted: Vec<InspectionId>,
     /// Where a damaged buffer file was moved (its `-wal` and `-shm`, if any, got the same name
-    /// plus their suffix); the buffer now open is a fresh, empty one.
+    /// plus their suffix); the buffer now open is a fresh one holding what could be salvaged
+    /// ([`Store::recoveries`] has the report).
     pub moved_aside: Option<PathBuf>,
     /// The schema version the file had before it was migrated, when it was.
     pub migrated_from: Option<u32>,
@@ -376,20 +390,12 @@ impl Store {
             log::info!(path:% = path.display(); "Buffer is held by another process; recovery skipped");
         }
 
-        let opened = match schema::open(&path, owner) {
+        if owner {
+            salvage::finish_interrupted(&path)?;
+        }
+        let opened = match schema::open(&path, owner).and_then(|o| salvage::refuse_flagged(&path, owner, o)) {
             Err(StoreError::Corrupt { detail, .. }) if owner => {
-                let moved = disk::move_aside(&path, now).map_err(|source| StoreError::Io {
-                    path: path.clone(),
-                    action: "move the damaged buffer aside from",
-                    source,
-                })?;
-                log::error!(
-                    path:% = path.display(),
-                    moved_to:% = moved.display(),
-                    detail = detail.as_str();
-                    "Buffer is damaged: moved aside, not deleted, and a fresh buffer started"
-                );
-                recovery.moved_aside = Some(moved);
+                recovery.moved_aside = Some(salvage::replace_damaged(&path, &detail, now)?);
                 schema::open(&path, owner)?
             }
             other => other?,
@@ -672,7 +678,8 @@ impl Store {
     }
 
     /// The JPEG of one angle, checked against its stored sha256; `None` if the inspection
-    /// has no image of that angle. A mismatch is [`StoreError::Corrupt`], logged at ERROR.
+    /// has no image of that angle. A mismatch is [`StoreError::Corrupt`], logged at ERROR and
+    /// noted next to the buffer, so that the next start salvages it (`store/salvage.rs`).
     pub fn image_jpeg(&self, id: InspectionId, angle: PhotoLabel) -> Result<Option<Vec<u8>>, StoreError> {
         let err = |e| sqlite_error(&self.path, e);
         let tx = self.conn.unchecked_transaction().map_err(err)?;
@@ -693,12 +700,11 @@ impl Store {
         let actual = hex::encode(Sha256::digest(&jpeg));
         if actual != stored {
             log::error!(path:% = self.path.display(), inspection_id = id.0, angle = angle.as_str(); "Stored image does not match its sha256");
-            return Err(StoreError::Corrupt {
-                path: self.path.clone(),
-                detail: format!(
-                    "image {angle} of inspection {id} has sha256 {actual} but {stored} was stored with it"
-                ),
-            });
+            let detail = format!(
+                "image {angle} of inspection {id} has sha256 {actual} but {stored} was stored with it"
+            );
+            salvage::flag_damage(&self.path, &detail);
+            return Err(StoreError::Corrupt { path: self.path.clone(), detail });
         }
         Ok(Some(jpeg))
     }
@@ -787,31 +793,7 @@ impl Store {
     /// Runs the full `PRAGMA integrity_check` and re-hashes every image. Returns the problems
     /// found, none when the buffer is sound. Reads the whole file: slow on a big buffer.
     pub fn check_integrity(&self) -> Result<Vec<String>, StoreError> {
-        let err = |e| sqlite_error(&self.path, e);
-        let tx = self.conn.unchecked_transaction().map_err(err)?;
-        let mut problems = schema::check_rows(&tx, "integrity_check").map_err(err)?;
-        let mut stmt = tx
-            .prepare("SELECT inspection_id, angle, bytes, sha256, jpeg FROM images ORDER BY rowid")
-            .map_err(err)?;
-        let mut rows = stmt.query([]).map_err(err)?;
-        while let Some(row) = rows.next().map_err(err)? {
-            let (id, angle, bytes, stored): (i64, String, i64, String) = (
-                row.get(0).map_err(err)?,
-                row.get(1).map_err(err)?,
-                row.get(2).map_err(err)?,
-                row.get(3).map_err(err)?,
-            );
-            let jpeg = row.get_ref(4).map_err(err)?.as_blob().map_err(|e| err(e.into()))?;
-            let actual = hex::encode(Sha256::digest(jpeg));
-            if actual != stored {
-                problems.push(format!("image {angle} of inspection {id}: sha256 {actual}, stored {stored}"));
-            }
-            if jpeg.len() as i64 != bytes {
-                problems
-                    .push(format!("image {angle} of inspection {id}: {} bytes, stored {bytes}", jpeg.len()));
-            }
-        }
-        Ok(problems)
+        salvage::integrity(&self.conn).map(|(problems, _)| problems).map_err(|e| sqlite_error(&self.path, e))
     }
 
     /// Pages the buffer file has now (of `PRAGMA page_size` bytes each).

@@ -10,7 +10,7 @@ use super::error::sqlite_error;
 use super::StoreError;
 
 /// The schema version this build writes and understands (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: u32 = 3;
+pub const SCHEMA_VERSION: u32 = 4;
 
 /// How long a statement waits for another connection's lock before failing with `Locked`.
 pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -104,7 +104,22 @@ const MIGRATIONS: &[Migration] = &[
         ) STRICT;
     ",
     },
+    Migration { to: 4, sql: RECOVERIES },
 ];
+
+/// The reports of salvages from a damaged buffer file (`store/salvage.rs`): when, where the
+/// damaged file was kept, what SQLite said about it, what was recovered and lost (JSON), and
+/// when an operator acknowledged it (`NULL` until then).
+const RECOVERIES: &str = "
+        CREATE TABLE recoveries (
+            id              INTEGER PRIMARY KEY AUTOINCREMENT,
+            at              INTEGER NOT NULL,
+            moved_to        TEXT    NOT NULL,
+            damage          TEXT    NOT NULL,
+            report          TEXT    NOT NULL,
+            acknowledged_at INTEGER
+        ) STRICT;
+    ";
 
 /// What [`open`] found and did.
 pub(crate) struct Opened {
