@@ -512,20 +512,20 @@ impl Supervisor {
             }
             Err(e) => return Ack::new(Some(id), AckStatus::Failed).with_reason(e.to_string()),
         };
-        if summary.state != InspectionState::Failed {
+        if !matches!(summary.state, InspectionState::Failed | InspectionState::Cancelled) {
             return Ack::rejected(
                 Some(id),
                 format!(
-                    "inspection {inspection_id} is {}; only a failed inspection can be retried",
+                    "inspection {inspection_id} is {}; only a failed or cancelled inspection can be retried",
                     summary.state
                 ),
             )
             .with_inspection(inspection_id);
         }
-        match store.set_state(inspection_id, InspectionState::Captured, None, self.clock.wall()) {
+        match store.retry(inspection_id, self.clock.wall()) {
             Ok(_) => {
                 drop(store);
-                log::info!(inspection_id = inspection_id.0, case_id = summary.case_id.as_str(); "Failed inspection queued for upload again");
+                log::info!(inspection_id = inspection_id.0, case_id = summary.case_id.as_str(); "Inspection queued for upload again by an operator's retry");
                 let _ = self.wake.send(());
                 Ack::new(Some(id), AckStatus::Succeeded).with_inspection(inspection_id)
             }
