@@ -2,6 +2,7 @@
 //! Terminal output is for people (progress bars, tables); `--json` and non-terminal output
 //! are for scripts.
 
+use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -19,7 +20,9 @@ use crate::demo::{self, DemoOptions};
 use crate::imaging;
 use crate::inspection::{self, InspectionError, Progress, Request, Rig, Settings};
 use crate::standin::{StandIn, StandInConfig};
-use crate::store::{InspectionId, InspectionState, InspectionSummary, Store, StoreError, UploadState};
+use crate::store::{
+    InspectionId, InspectionState, InspectionSummary, PrunedRecord, Store, StoreError, UploadState,
+};
 use crate::upload::credentials::load_secret;
 use crate::upload::{drain, Event};
 use crate::vehicle::{CaseId, PhotoLabel, Vehicle, Vin};
@@ -95,13 +98,16 @@ pub enum Command {
         #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
         max_wait: Duration,
     },
-    /// Show what is buffered.
+    /// Show what is buffered, without writing anything (works on a full disk).
     Queue {
         #[arg(long)]
         config: PathBuf,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Show the audit trail of what left the buffer (delivered and pruned) instead.
+        #[arg(long)]
+        history: bool,
     },
     /// Test every configured camera and list the V4L2 devices the system offers.
     Cameras {
@@ -159,7 +165,7 @@ pub fn run(cli: Cli) -> ExitCode {
             inspect(&config, &case_id, vin.as_deref(), angles.as_deref(), upload)
         }
         Command::Upload { config, max_wait } => upload(&config, max_wait),
-        Command::Queue { config, json } => queue(&config, json),
+        Command::Queue { config, json, history } => queue(&config, json, history),
         Command::Cameras { config } => cameras(&config),
         Command::Standin { port, username, api_key, api_secret_file, token_ttl, session_ttl } => {
             standin(port, username, api_key, api_secret_file, token_ttl, session_ttl)
@@ -329,7 +335,7 @@ fn inspect(
     display.finish();
     let outcome = match outcome {
         Ok(o) => o,
-        Err(InspectionError::Store(e @ StoreError::Full { .. })) => {
+        Err(InspectionError::Store(e @ (StoreError::Full { .. } | StoreError::DiskFull { .. }))) => {
             eprintln!("error: inspection refused: {e}");
             return Ok(EXIT_REFUSED);
         }
@@ -351,9 +357,18 @@ fn inspect(
     for (angle, reason) in &outcome.failed {
         println!("  failed {angle}: {reason}");
     }
-    let captured = if outcome.failed.is_empty() { EXIT_OK } else { EXIT_PARTIAL };
+    let captured = if outcome.disk_full {
+        eprintln!(
+            "error: the disk filled up during the capture; the angles above that say so were not stored"
+        );
+        EXIT_REFUSED
+    } else if outcome.failed.is_empty() {
+        EXIT_OK
+    } else {
+        EXIT_PARTIAL
+    };
     if outcome.captured.is_empty() {
-        return Ok(EXIT_FAILED);
+        return Ok(if outcome.disk_full { EXIT_REFUSED } else { EXIT_FAILED });
     }
     let (Some(cloud), Some(budget)) = (&config.cloud, upload_wait) else {
         if upload_wait.is_some() {
@@ -363,7 +378,8 @@ fn inspect(
     };
     let mut store = store.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner());
     let code = upload_until(&mut store, cloud, budget, Some(outcome.inspection_id))?;
-    Ok(if code == EXIT_OK { captured } else { code })
+    // A full disk outranks what the upload says: a person must act on it.
+    Ok(if code == EXIT_OK || captured == EXIT_REFUSED { captured } else { code })
 }
 
 fn upload(path: &Path, max_wait: Duration) -> anyhow::Result<u8> {
@@ -436,17 +452,44 @@ fn usage(e: impl std::fmt::Display) -> anyhow::Result<u8> {
     Ok(EXIT_USAGE)
 }
 
-fn queue(path: &Path, json: bool) -> anyhow::Result<u8> {
-    let config = match load(path) {
-        Ok(c) => c,
-        Err(code) => return Ok(code),
+fn queue(path: &Path, json: bool, history: bool) -> anyhow::Result<u8> {
+    // Read-only from the config on: no state directory is made and nothing is written, so that
+    // `queue` answers on a full disk or a read-only file system.
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            let e =
+                config::ConfigError::Unreadable { path: path.display().to_string(), reason: e.to_string() };
+            return usage(e);
+        }
     };
-    let store = Store::open(&config.state_dir, config.buffer.caps, SystemTime::now())
-        .with_context(|| format!("the buffer in {} cannot be opened", config.state_dir.display()))?;
-    let list = store.list()?;
-    let totals = store.totals()?;
-    let uploads = store.upload_states()?;
-    let recoveries = store.recoveries()?;
+    let config = match config::parse(&text, &path.display().to_string()) {
+        Ok(c) => c,
+        Err(e) => return usage(e),
+    };
+    let view = Store::read_only(&config.state_dir, config.buffer.caps, |store| {
+        Ok(QueueView {
+            list: if history { Vec::new() } else { store.list()? },
+            totals: Some(store.totals()?),
+            uploads: if history { HashMap::new() } else { store.upload_states()? },
+            history: if history { store.pruned_history()? } else { Vec::new() },
+            recoveries: store.recoveries()?,
+        })
+    })
+    .with_context(|| format!("the buffer in {} cannot be read", config.state_dir.display()))?
+    .unwrap_or_default();
+    if history {
+        print_history(&config, &view, json)?;
+        return Ok(EXIT_OK);
+    }
+    let QueueView { list, totals, uploads, recoveries, .. } = view;
+    let totals = totals.unwrap_or(crate::store::Totals {
+        inspections: 0,
+        images: 0,
+        bytes: 0,
+        awaiting_upload: 0,
+        oldest_created_at: None,
+    });
     let now = SystemTime::now();
     if json {
         let inspections: Vec<serde_json::Value> = list
@@ -498,6 +541,59 @@ fn queue(path: &Path, json: bool) -> anyhow::Result<u8> {
     Ok(EXIT_OK)
 }
 
+/// What `queue` read from the buffer in one go.
+#[derive(Default)]
+struct QueueView {
+    list: Vec<InspectionSummary>,
+    totals: Option<crate::store::Totals>,
+    uploads: HashMap<InspectionId, UploadState>,
+    history: Vec<PrunedRecord>,
+    recoveries: Vec<crate::store::RecoveryRecord>,
+}
+
+/// `queue --history`: what left the buffer, oldest first.
+fn print_history(config: &Config, view: &QueueView, json: bool) -> anyhow::Result<()> {
+    if json {
+        let pruned: Vec<serde_json::Value> = view
+            .history
+            .iter()
+            .map(|p| {
+                let mut v = serde_json::to_value(p).unwrap_or_default();
+                v["completed_at"] = serde_json::json!(crate::clock::rfc3339_seconds(p.completed_at));
+                v
+            })
+            .collect();
+        let out = serde_json::json!({ "bay_id": config.bay_id, "pruned": pruned });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!(
+        "{:>6}  {:>6}  {:<20} {:<10} {:<20} {:>6} {:>10}  {:<9}  {:<24} images sha256",
+        "seq", "id", "case_id", "state", "completed_at", "images", "bytes", "rule", "session"
+    );
+    for p in &view.history {
+        println!(
+            "{:>6}  {:>6}  {:<20} {:<10} {:<20} {:>6} {:>10}  {:<9}  {:<24} {}",
+            p.seq,
+            p.inspection_id.0,
+            p.case_id,
+            p.state.as_str(),
+            crate::clock::rfc3339_seconds(p.completed_at),
+            p.images,
+            ByteSize(p.bytes).to_string(),
+            p.rule.as_str(),
+            p.session.as_deref().unwrap_or("-"),
+            p.images_sha256
+        );
+    }
+    println!(
+        "{} inspection(s) left the buffer (the last {} are kept)",
+        view.history.len(),
+        crate::store::PRUNED_HISTORY
+    );
+    Ok(())
+}
+
 fn note(i: &InspectionSummary, upload: &UploadState) -> String {
     let mut parts = Vec::new();
     if let Some(r) = &i.reason {
@@ -509,6 +605,13 @@ fn note(i: &InspectionSummary, upload: &UploadState) -> String {
         }
         if let Some(e) = &upload.last_error {
             parts.push(format!("last upload error: {e}"));
+        }
+        if upload.moved_behind > 0 {
+            parts.push(format!(
+                "moved behind the others {} time(s), each after {} failed tries in a row",
+                upload.moved_behind,
+                crate::store::MOVE_BEHIND_AFTER
+            ));
         }
     }
     for (angle, reason) in &i.failed_angles {

@@ -231,10 +231,15 @@ pub fn prepare_state_dir(dir: &Path) -> Result<(), (String, String)> {
     std::fs::create_dir_all(dir)
         .map_err(|e| (format!("{} cannot be created: {e}", dir.display()), fix.to_owned()))?;
     let probe = dir.join(".capture-kiosk-write-test");
-    std::fs::write(&probe, b"ok")
-        .map_err(|e| (format!("{} is not writable: {e}", dir.display()), fix.to_owned()))?;
+    let written = std::fs::write(&probe, b"ok");
     let _ = std::fs::remove_file(&probe);
-    Ok(())
+    match written {
+        // A full disk is no permission problem: the buffer refuses new inspections with that
+        // reason, and delivering and pruning still work.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) => Ok(()),
+        Err(e) => Err((format!("{} is not writable: {e}", dir.display()), fix.to_owned())),
+        Ok(()) => Ok(()),
+    }
 }
 
 /// A byte count written as `8 GiB`, `512 MiB`, `500MB`, `1048576` or `64 kB`.

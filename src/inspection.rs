@@ -194,6 +194,9 @@ pub struct Outcome {
     pub stored_bytes: u64,
     /// From the trigger until the last image was committed.
     pub trigger_to_durable: Duration,
+    /// Some image could not be stored because the disk was full; its angle failed with a
+    /// reason that says so.
+    pub disk_full: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -271,6 +274,7 @@ pub fn run(
     let mut captured = Vec::new();
     let mut failed = Vec::new();
     let (mut source_bytes, mut stored_bytes) = (0u64, 0u64);
+    let disk_full = AtomicBool::new(false);
     let monitor = rig.monitor.clone();
     std::thread::scope(|scope| {
         for station in rig.stations.iter_mut() {
@@ -296,8 +300,16 @@ pub fn run(
                 continue;
             }
             let tx = tx.clone();
-            let job =
-                Job { inspection_id, store, settings, clock, cancel, permits: &permits, monitor: &monitor };
+            let job = Job {
+                inspection_id,
+                store,
+                settings,
+                clock,
+                cancel,
+                permits: &permits,
+                monitor: &monitor,
+                disk_full: &disk_full,
+            };
             scope.spawn(move || {
                 for angle in angles {
                     job.shoot(station, angle, &|event| {
@@ -337,7 +349,16 @@ pub fn run(
         "Inspection captured"
     );
     captured.sort();
-    Ok(Outcome { inspection_id, state, captured, failed, source_bytes, stored_bytes, trigger_to_durable })
+    Ok(Outcome {
+        inspection_id,
+        state,
+        captured,
+        failed,
+        source_bytes,
+        stored_bytes,
+        trigger_to_durable,
+        disk_full: disk_full.load(Ordering::SeqCst),
+    })
 }
 
 /// What one camera thread needs to shoot its angles.
@@ -349,6 +370,8 @@ struct Job<'a> {
     cancel: &'a AtomicBool,
     permits: &'a Permits,
     monitor: &'a Monitor,
+    /// Set when an image was refused because the disk was full.
+    disk_full: &'a AtomicBool,
 }
 
 impl Job<'_> {
@@ -456,7 +479,12 @@ impl Job<'_> {
                 }
                 Err(e) => {
                     // The buffer is full or failing: another frame will not fit better.
-                    last_reason = format!("not stored: {e}");
+                    last_reason = if matches!(e, StoreError::Full { .. } | StoreError::DiskFull { .. }) {
+                        self.disk_full.store(true, Ordering::SeqCst);
+                        format!("not stored: the disk was full ({e})")
+                    } else {
+                        format!("not stored: {e}")
+                    };
                     log::error!(inspection_id = self.inspection_id.0, angle = angle.as_str(); "Image not stored: {e}");
                     break;
                 }

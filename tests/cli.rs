@@ -1,9 +1,19 @@
-//! The `capture-kiosk` binary as an installer uses it: exit codes, messages, the demo, and a
-//! process killed at random moments while it captures.
+//! The `capture-kiosk` binary as an installer uses it: exit codes, messages, the demo, a
+//! process killed at random moments while it captures (and what the next start makes of it),
+//! and a disk that fills up under it.
 
+mod support;
+
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
+
+use capture_kiosk::clock::SystemClock;
+use capture_kiosk::standin::StandIn;
+use capture_kiosk::store::{images_digest, InspectionId, Store};
+use serde_json::Value;
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_capture-kiosk"));
@@ -142,42 +152,253 @@ fn the_demo_runs_on_embedded_defaults() {
     assert!(shown.contains("completed at the stand-in: 8 image(s)"), "{shown}");
 }
 
+/// The JSON `queue --json` prints (it must succeed).
+fn queue_json(config: &str) -> Value {
+    let out = run(&["queue", "--config", config, "--json"]);
+    assert!(out.status.success(), "queue: {}", text(&out));
+    serde_json::from_slice(&out.stdout).expect("queue --json prints JSON")
+}
+
+/// Appends a `[cloud]` section for `standin` to the config at `config`.
+fn add_cloud(config: &Path, standin: &StandIn) {
+    let secret = support::secret_file(config.parent().unwrap(), standin.config());
+    let mut text = std::fs::read_to_string(config).unwrap();
+    text.push_str(&support::cloud_toml(&standin.base_url(), &secret));
+    std::fs::write(config, text).unwrap();
+}
+
+/// The sha256s of an inspection's images, read from the buffer without writing.
+fn stored_hashes(state_dir: &Path, id: i64) -> Vec<(String, String)> {
+    Store::read_only(state_dir, support::CAPS, |s| s.images(InspectionId(id)))
+        .unwrap()
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.angle.as_str().to_owned(), m.sha256))
+        .collect()
+}
+
 #[test]
-fn a_capture_killed_at_random_moments_leaves_no_half_inspection() {
+fn inspect_killed_at_random_moments_strands_nothing_and_an_upload_delivers_everything_stored() {
+    let standin = StandIn::start(Default::default(), Arc::new(SystemClock::new())).unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let config = bay(tmp.path());
-    let config = config.to_str().unwrap();
-    // Kill `inspect` at different moments: during start-up, capture, resizing and commits.
-    for (round, delay_ms) in [40u64, 90, 150, 220, 300].into_iter().enumerate() {
+    let config_path = bay(tmp.path());
+    add_cloud(&config_path, &standin);
+    let config = config_path.to_str().unwrap();
+    let state = tmp.path().join("state");
+    // The first start makes the buffer (a kill mid-way through that is another test's).
+    let out = run(&["inspect", "--config", config, "--no-upload", "--case-id", "FIRST"]);
+    assert!(out.status.success(), "{}", text(&out));
+    // Kill `inspect` at random moments: during start-up, capture, resizing and commits. Each
+    // next start (the next `inspect`, finally `upload`) finds what the kill left.
+    let mut cut_with_images = Vec::new();
+    let mut rng = fastrand::Rng::new();
+    for round in 0..60 {
+        if round >= 12 && cut_with_images.len() >= 2 {
+            break;
+        }
         let mut child = bin()
-            .args(["inspect", "--config", config, "--case-id", &format!("KILL-{round}")])
+            .args(["inspect", "--config", config, "--no-upload", "--case-id", &format!("KILL-{round}")])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(delay_ms));
+        std::thread::sleep(Duration::from_millis(rng.u64(30..260)));
         let _ = child.kill();
         let _ = child.wait();
-
-        let out = run(&["queue", "--config", config, "--json"]);
-        assert!(out.status.success(), "round {round}: {}", text(&out));
-        let q: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let list = q["inspections"].as_array().unwrap();
-        let mut images = 0;
-        for i in list {
-            assert_ne!(
-                i["state"], "capturing",
-                "round {round}: a dead capture must be closed on reopen: {i}"
-            );
-            images += i["images"].as_u64().unwrap();
+        // `queue` only reads: a capture cut short shows as it was left (a build whose `queue`
+        // repaired the buffer would show it cancelled).
+        let q = queue_json(config);
+        for i in q["inspections"].as_array().unwrap() {
+            let cut = i["state"] == "capturing" || i["state"] == "cancelled";
+            let id = i["id"].as_i64().unwrap();
+            let images = i["images"].as_u64().unwrap();
+            if cut && (1..3).contains(&images) && !cut_with_images.contains(&id) {
+                cut_with_images.push(id);
+            }
         }
-        assert_eq!(
-            q["totals"]["images"].as_u64().unwrap(),
-            images,
-            "round {round}: totals agree with the list"
-        );
+    }
+    assert!(!cut_with_images.is_empty(), "no kill landed mid-capture in 60 rounds");
+
+    // The next start closes what the kills left, and an upload delivers all of it.
+    let out = run(&["upload", "--config", config, "--max-wait", "30s"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let q = queue_json(config);
+    let list = q["inspections"].as_array().unwrap();
+    for i in list {
+        if i["images"].as_u64().unwrap() == 0 {
+            // Nothing to deliver: failed, saying why.
+            assert_eq!(i["state"], "failed", "{i}");
+            assert!(i["reason"].as_str().unwrap().contains("the kiosk stopped during capture"), "{i}");
+        } else {
+            assert_eq!(i["state"], "completed", "stranded: {i}");
+        }
+    }
+    let mut delivered = 0;
+    for i in list.iter().filter(|i| i["images"].as_u64().unwrap() > 0) {
+        let (id, case_id) = (i["id"].as_i64().unwrap(), i["case_id"].as_str().unwrap());
+        let images = i["images"].as_u64().unwrap();
+        let sessions: Vec<_> =
+            standin.sessions().into_iter().filter(|s| s.case_id == case_id && s.completed).collect();
+        assert_eq!(sessions.len(), 1, "{case_id} completed once");
+        let mut received: Vec<(String, String)> =
+            sessions[0].photos.iter().map(|p| (p.label.clone(), p.sha256.clone())).collect();
+        let mut stored = stored_hashes(&state, id);
+        received.sort();
+        stored.sort();
+        assert_eq!(received, stored, "{case_id}: the cloud has exactly what was stored");
+        delivered += images;
+    }
+    assert_eq!(delivered, q["totals"]["images"].as_u64().unwrap(), "every stored image was delivered");
+    for id in &cut_with_images {
+        let i = list.iter().find(|i| i["id"] == *id).expect("a cut capture is kept");
+        let failed = i["failed_angles"].as_array().unwrap();
+        assert_eq!(failed.len() as u64 + i["images"].as_u64().unwrap(), 3, "{i}");
+        assert!(failed.iter().all(|f| f[1] == "the kiosk stopped during capture"), "{i}");
     }
     // The buffer still takes a complete inspection afterwards.
     let out = run(&["inspect", "--config", config, "--case-id", "AFTER"]);
     assert!(out.status.success(), "{}", text(&out));
+}
+
+/// Every file in `dir` with its length and content hash.
+fn files(dir: &Path) -> BTreeMap<String, (u64, String)> {
+    use sha2::{Digest, Sha256};
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let bytes = std::fs::read(e.path()).unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                (bytes.len() as u64, hex::encode(Sha256::digest(&bytes))),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_full_disk_refuses_with_the_reason_queue_still_reads_and_upload_and_pruning_make_room() {
+    let Some(fs) = support::Tmpfs::mount(48 << 20, "a_full_disk_refuses_with_the_reason…") else {
+        return;
+    };
+    let standin = StandIn::start(Default::default(), Arc::new(SystemClock::new())).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    // Large, finely encoded frames: each image is bigger than the estimate the caps use.
+    let photos = tmp.path().join("photos");
+    std::fs::create_dir_all(&photos).unwrap();
+    for (name, file) in [
+        ("Front.jpg", "vehicles/canon_eos450d_red_car_12mp.jpg"),
+        ("Rear.jpg", "vehicles/minolta_dimage7hi_vintage_car_5mp.jpg"),
+        ("Left.jpg", "vehicles/canon_eos1d_mark3_race_car_lightroom.jpg"),
+    ] {
+        std::fs::copy(testdata().join(file), photos.join(name)).unwrap();
+    }
+    let state = fs.path().join("state");
+    let config_path = tmp.path().join("bay.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            r#"
+bay_id = "bay-full"
+state_dir = "{state}"
+[inspection]
+angles = ["Front", "Rear", "Left"]
+[imaging]
+max_long_edge = 1920
+jpeg_quality = 100
+[buffer]
+min_free_disk = "0"
+[[cameras]]
+id = "front"
+source = "dir:{photos}"
+angles = ["Front"]
+[[cameras]]
+id = "back"
+source = "dir:{photos}"
+angles = ["Rear", "Left"]
+"#,
+            state = state.display(),
+            photos = photos.display()
+        ),
+    )
+    .unwrap();
+    add_cloud(&config_path, &standin);
+    let config = config_path.to_str().unwrap();
+    let inspect = |case_id: &str, extra: &[&str]| {
+        let mut args = vec!["inspect", "--config", config, "--no-upload", "--case-id", case_id];
+        args.extend(extra);
+        run(&args)
+    };
+    let out = inspect("CASE-1", &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+
+    // The disk fills during a capture: room for the estimate, not for the real images.
+    let estimate = 1920 * 1920 * 3 / 4 * 3 / 10;
+    fs.fill("filler", 3 * estimate + (256 << 10));
+    let out = inspect("CASE-2", &[]);
+    assert_eq!(out.status.code(), Some(4), "a full disk is exit 4: {}", text(&out));
+    assert!(text(&out).contains("the disk was full"), "{}", text(&out));
+    let q = queue_json(config);
+    let case2 =
+        q["inspections"].as_array().unwrap().iter().find(|i| i["case_id"] == "CASE-2").unwrap().clone();
+    assert_eq!(case2["state"], "captured", "what fitted is kept for upload: {case2}");
+    let failed = case2["failed_angles"].as_array().unwrap();
+    assert!(!failed.is_empty(), "{case2}");
+    assert!(failed.iter().all(|f| f[1].as_str().unwrap().contains("the disk was full")), "{case2}");
+
+    // Full to the last byte: a new inspection is refused with the reason, exit 4.
+    fs.fill("filler", 0);
+    let out = inspect("CASE-3", &[]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    assert!(text(&out).contains("min_free_disk") && text(&out).contains("CASE-3"), "{}", text(&out));
+
+    // `queue` still answers, and writes nothing.
+    let before = files(&state);
+    let q = queue_json(config);
+    let cases: Vec<&str> =
+        q["inspections"].as_array().unwrap().iter().map(|i| i["case_id"].as_str().unwrap()).collect();
+    assert_eq!(cases, vec!["CASE-1", "CASE-2"]);
+    let out = run(&["queue", "--config", config]);
+    assert!(out.status.success() && text(&out).contains("CASE-2"), "{}", text(&out));
+    assert_eq!(files(&state), before, "queue created or changed nothing");
+
+    // Upload on the full disk delivers both.
+    let out = run(&["upload", "--config", config, "--max-wait", "30s"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let received = |case_id: &str| -> Vec<String> {
+        let done: Vec<_> =
+            standin.sessions().into_iter().filter(|s| s.case_id == case_id && s.completed).collect();
+        assert_eq!(done.len(), 1, "{case_id} completed once");
+        done[0].photos.iter().map(|p| p.sha256.clone()).collect()
+    };
+    assert_eq!(received("CASE-1").len(), 3);
+
+    // The next car is accepted: the oldest delivered inspection gives its space and the file
+    // shrinks (its pages went back to the file system).
+    let size_before = std::fs::metadata(state.join("buffer.sqlite3")).unwrap().len();
+    let out = inspect("CASE-4", &["--angles", "Front"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let size_after = std::fs::metadata(state.join("buffer.sqlite3")).unwrap().len();
+    assert!(size_after < size_before, "the buffer shrank: {size_before} -> {size_after}");
+    let q = queue_json(config);
+    let cases: Vec<&str> =
+        q["inspections"].as_array().unwrap().iter().map(|i| i["case_id"].as_str().unwrap()).collect();
+    assert_eq!(cases, vec!["CASE-2", "CASE-4"], "only the oldest delivered one went");
+
+    // The audit trail says what left, and its digest matches what the cloud received.
+    let out = run(&["queue", "--config", config, "--history", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let h: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let pruned = h["pruned"].as_array().unwrap();
+    assert_eq!(pruned.len(), 1, "{h}");
+    assert_eq!((pruned[0]["case_id"].as_str(), pruned[0]["rule"].as_str()), (Some("CASE-1"), Some("space")));
+    assert_eq!(pruned[0]["images"], 3);
+    assert!(pruned[0]["session"].is_string() && pruned[0]["completed_at"].is_string(), "{h}");
+    assert_eq!(pruned[0]["images_sha256"].as_str(), Some(images_digest(&received("CASE-1")).as_str()));
+    let out = run(&["queue", "--config", config, "--history"]);
+    assert!(
+        out.status.success() && text(&out).contains("CASE-1") && text(&out).contains("space"),
+        "{}",
+        text(&out)
+    );
 }

@@ -188,38 +188,54 @@ fn an_inspection_survives_close_and_reopen_with_every_field_intact() {
 }
 
 #[test]
-fn an_interrupted_capture_is_cancelled_at_open_with_its_images_kept() {
+fn an_interrupted_capture_is_closed_at_open_as_evidence_with_its_images_kept() {
     let dir = tempfile::tempdir().unwrap();
     let angles = [PhotoLabel::Front, PhotoLabel::Rear, PhotoLabel::Left];
     let (front, rear) = (jpeg(3, 2000), jpeg(4, 3000));
-    let (done, cut) = {
+    let (done, cut, empty) = {
         let mut store = Store::open(dir.path(), ROOMY, at(0)).unwrap();
         let done = begin(&mut store, "CASE-1", &angles, at(1));
         store.add_image(done, &image(PhotoLabel::Front, &front, at(1))).unwrap();
         store.finish_capture(done, at(2)).unwrap();
         let cut = begin(&mut store, "CASE-2", &angles, at(3));
         store.add_image(cut, &image(PhotoLabel::Front, &front, at(4))).unwrap();
+        store.record_angle_failure(cut, PhotoLabel::Left, "camera cam-left gave no frame", at(4)).unwrap();
         store.add_image(cut, &image(PhotoLabel::Rear, &rear, at(5))).unwrap();
-        (done, cut)
+        let empty = begin(&mut store, "CASE-3", &angles, at(6));
+        (done, cut, empty)
         // Dropped without finishing: as if the process died mid-capture.
     };
 
     let store = Store::open(dir.path(), ROOMY, at(100)).unwrap();
-    assert_eq!(store.recovery().interrupted, vec![cut]);
-    let cancelled = store.inspection(cut).unwrap().unwrap();
-    assert_eq!(cancelled.state, InspectionState::Cancelled);
+    assert_eq!(store.recovery().interrupted, vec![cut, empty]);
+    let closed = store.inspection(cut).unwrap().unwrap();
+    assert_eq!(closed.state, InspectionState::Captured, "what it holds goes to the cloud");
+    assert_eq!(closed.reason, None);
+    assert_eq!(closed.updated_at, at(100));
+    assert_eq!(closed.images, 2);
     assert_eq!(
-        cancelled.reason.as_deref(),
-        Some("capture interrupted: the kiosk stopped before this inspection finished; 2 images kept")
+        closed.failed_angles,
+        vec![(PhotoLabel::Left, "camera cam-left gave no frame".to_owned())],
+        "a failure recorded before the stop keeps its reason"
     );
-    assert_eq!(cancelled.updated_at, at(100));
-    assert_eq!(cancelled.images, 2);
     assert_eq!(store.image_jpeg(cut, PhotoLabel::Rear).unwrap().as_deref(), Some(&rear[..]));
+    let nothing = store.inspection(empty).unwrap().unwrap();
+    assert_eq!(nothing.state, InspectionState::Failed);
+    assert_eq!(
+        nothing.failed_angles,
+        angles.iter().map(|a| (*a, "the kiosk stopped during capture".to_owned())).collect::<Vec<_>>()
+    );
+    assert!(nothing
+        .reason
+        .as_deref()
+        .unwrap()
+        .starts_with("no angle was captured (Front: the kiosk stopped during capture;"));
     assert_eq!(
         store.inspection(done).unwrap().unwrap().state,
         InspectionState::Captured,
         "finished ones are left alone"
     );
+    assert_eq!(store.next_to_upload().unwrap().map(|i| i.id), Some(done));
     drop(store);
     let again = Store::open(dir.path(), ROOMY, at(200)).unwrap();
     assert!(again.recovery().interrupted.is_empty(), "recovery happens once");
@@ -463,7 +479,7 @@ fn a_process_killed_mid_write_leaves_no_half_inspection() {
     let dir = tempfile::tempdir().unwrap();
     // (inspection, angle) -> sha256 of images in states the child never changes again.
     let mut settled: HashMap<(InspectionId, PhotoLabel), String> = HashMap::new();
-    // Inspections the kills cut mid-capture, cancelled by recovery.
+    // Inspections the kills cut mid-capture, closed by recovery.
     let mut interrupted: HashSet<InspectionId> = HashSet::new();
     for round in 0..5 {
         let child = Command::new(std::env::current_exe().unwrap())
@@ -497,13 +513,18 @@ fn a_process_killed_mid_write_leaves_no_half_inspection() {
             let id = summary.id;
             assert_ne!(summary.state, InspectionState::Capturing, "round {round}: {summary:?}");
             if interrupted.contains(&id) {
-                let reason = summary.reason.as_deref().unwrap_or_default();
-                let kept = if summary.images == 1 {
-                    "1 image kept".to_owned()
-                } else {
-                    format!("{} images kept", summary.images)
-                };
-                assert!(reason.starts_with("capture interrupted") && reason.ends_with(&kept), "{summary:?}");
+                // Closed as evidence: what it holds stays, and every other angle says why.
+                let expected =
+                    if summary.images > 0 { InspectionState::Captured } else { InspectionState::Failed };
+                assert_eq!(summary.state, expected, "round {round}: {summary:?}");
+                assert_eq!(
+                    summary.images + summary.failed_angles.len() as u64,
+                    KILL_ANGLES.len() as u64,
+                    "round {round}: every angle stored or failed: {summary:?}"
+                );
+                for (_, why) in &summary.failed_angles {
+                    assert_eq!(why, "the kiosk stopped during capture", "round {round}");
+                }
             } else {
                 assert_eq!(
                     summary.images,

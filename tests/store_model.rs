@@ -1,7 +1,8 @@
 //! A model check of the buffer (vector's `model_check`): random sequences of begin, add
 //! image, fail angle, finish, cancel, set state, prune and close-and-reopen run against a
 //! real SQLite file and against a plain in-memory model; after every step both must agree on
-//! each call's outcome, on `list()` and on `totals()`.
+//! each call's outcome, on `list()` and on `totals()` (kept by counters in the file, so this
+//! also checks them), and the next inspection to upload.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -144,10 +145,29 @@ impl Model {
         Model { next_id: 1, inspections: BTreeMap::new() }
     }
 
+    fn bytes_of(&self, pick: impl Fn(&ModelInspection) -> bool) -> u64 {
+        self.inspections.values().filter(|i| pick(i)).flat_map(|i| &i.images).map(|(_, b)| b).sum()
+    }
+
     fn begin(&mut self, case_id: &str, angles: &[PhotoLabel], expected: u64, now: SystemTime) -> Outcome {
-        let buffered: u64 = self.inspections.values().flat_map(|i| &i.images).map(|(_, b)| b).sum();
-        if buffered + expected * angles.len() as u64 > CAPS.max_bytes {
-            return Outcome::Full;
+        let needed = expected * angles.len() as u64;
+        let buffered = self.bytes_of(|_| true);
+        if buffered + needed > CAPS.max_bytes {
+            // Delivered inspections make room, oldest completion first, if they can.
+            let completed = self.bytes_of(|i| i.state == Completed);
+            if buffered - completed + needed > CAPS.max_bytes {
+                return Outcome::Full;
+            }
+            while self.bytes_of(|_| true) + needed > CAPS.max_bytes {
+                let oldest = self
+                    .inspections
+                    .iter()
+                    .filter(|(_, i)| i.state == Completed)
+                    .min_by_key(|(id, i)| (i.updated_at, **id))
+                    .map(|(id, _)| *id)
+                    .expect("enough completed bytes to prune");
+                self.inspections.remove(&oldest);
+            }
         }
         let id = self.next_id;
         self.next_id += 1;
@@ -259,19 +279,29 @@ impl Model {
 
     fn prune(&mut self, older_than: SystemTime) -> Outcome {
         let before = self.inspections.len();
-        self.inspections.retain(|_, i| !(i.state == Completed && i.updated_at < older_than));
+        self.inspections.retain(|_, i| {
+            let done = i.state == Completed || (matches!(i.state, Failed | Cancelled) && i.images.is_empty());
+            !(done && i.updated_at < older_than)
+        });
         Outcome::Pruned((before - self.inspections.len()) as u64)
     }
 
     fn reopen(&mut self, now: SystemTime) {
-        for i in self.inspections.values_mut().filter(|i| i.state == Capturing) {
-            let n = i.images.len();
-            let kept = if n == 1 { "1 image kept".to_owned() } else { format!("{n} images kept") };
-            i.state = Cancelled;
-            i.reason = Some(format!(
-                "capture interrupted: the kiosk stopped before this inspection finished; {kept}"
-            ));
+        // An interrupted capture is evidence: every angle neither stored nor failed fails, and
+        // it is captured, or failed when it holds nothing.
+        let ids: Vec<i64> =
+            self.inspections.iter().filter(|(_, i)| i.state == Capturing).map(|(id, _)| *id).collect();
+        for id in ids {
+            let i = self.inspections.get_mut(&id).expect("just listed");
+            for angle in i.angles.clone() {
+                let done =
+                    i.images.iter().any(|(a, _)| *a == angle) || i.failed.iter().any(|(a, _)| *a == angle);
+                if !done {
+                    i.failed.push((angle, "the kiosk stopped during capture".to_owned()));
+                }
+            }
             i.updated_at = now;
+            let _ = self.finish(InspectionId(id), now);
         }
     }
 
@@ -300,7 +330,7 @@ impl Model {
             images: list.iter().map(|i| i.images).sum(),
             bytes: list.iter().map(|i| i.bytes).sum(),
             awaiting_upload: list.iter().filter(|i| matches!(i.state, Captured | Uploading)).count() as u64,
-            oldest_created_at: list.iter().map(|i| i.created_at).min(),
+            oldest_created_at: list.iter().filter(|i| i.state != Completed).map(|i| i.created_at).min(),
         }
     }
 }
@@ -412,6 +442,10 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
         prop_assert_eq!(&list, &model.list(), "list after step {}: {:?}", step, op);
         let totals = store.totals().map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert_eq!(totals, model.totals(), "totals after step {}: {:?}", step, op);
+        let next = store.next_to_upload().map_err(|e| TestCaseError::fail(e.to_string()))?.map(|i| i.id);
+        let expected_next =
+            model.list().into_iter().find(|i| matches!(i.state, Captured | Uploading)).map(|i| i.id);
+        prop_assert_eq!(next, expected_next, "next to upload after step {}: {:?}", step, op);
     }
     for (id, i) in &model.inspections {
         let images = store.images(InspectionId(*id)).map_err(|e| TestCaseError::fail(e.to_string()))?;

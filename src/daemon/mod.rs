@@ -128,7 +128,7 @@ pub fn start(config: Config, deps: Deps) -> anyhow::Result<Daemon> {
     let store = Store::open(&config.state_dir, config.buffer.caps, clock.wall())
         .with_context(|| format!("the buffer in {} cannot be opened", config.state_dir.display()))?;
     for id in &store.recovery().interrupted {
-        log::warn!(inspection_id = id.0; "Inspection interrupted by the previous run was marked cancelled");
+        log::warn!(inspection_id = id.0; "Inspection interrupted by the previous run was closed with the images it holds");
     }
     for r in store.unacknowledged_recoveries().unwrap_or_default() {
         log::error!(recovery_id = r.id, summary = r.summary().as_str(); "The buffer was salvaged from a damaged file and the report is not acknowledged");
@@ -577,20 +577,20 @@ impl Supervisor {
             }
             Err(e) => return Ack::new(Some(id), AckStatus::Failed).with_reason(e.to_string()),
         };
-        if summary.state != InspectionState::Failed {
+        if !matches!(summary.state, InspectionState::Failed | InspectionState::Cancelled) {
             return Ack::rejected(
                 Some(id),
                 format!(
-                    "inspection {inspection_id} is {}; only a failed inspection can be retried",
+                    "inspection {inspection_id} is {}; only a failed or cancelled inspection can be retried",
                     summary.state
                 ),
             )
             .with_inspection(inspection_id);
         }
-        match store.set_state(inspection_id, InspectionState::Captured, None, self.clock.wall()) {
+        match store.retry(inspection_id, self.clock.wall()) {
             Ok(_) => {
                 drop(store);
-                log::info!(inspection_id = inspection_id.0, case_id = summary.case_id.as_str(); "Failed inspection queued for upload again");
+                log::info!(inspection_id = inspection_id.0, case_id = summary.case_id.as_str(); "Inspection queued for upload again by an operator's retry");
                 let _ = self.wake.send(());
                 Ack::new(Some(id), AckStatus::Succeeded).with_inspection(inspection_id)
             }

@@ -23,6 +23,15 @@ impl Store {
         answer: &str,
         now: SystemTime,
     ) -> Result<(), StoreError> {
+        self.writing(|s| s.remember_command_once(command_id, answer, now))
+    }
+
+    fn remember_command_once(
+        &mut self,
+        command_id: &str,
+        answer: &str,
+        now: SystemTime,
+    ) -> Result<(), StoreError> {
         let err = |e| sqlite_error(&self.path, e);
         let tx = self.conn.transaction().map_err(err)?;
         tx.execute(

@@ -1,6 +1,6 @@
 //! The operating-system side of the buffer: free space on the state directory's file system
-//! (statvfs), the lock that marks the process owning the buffer (flock), moving a damaged
-//! file aside and syncing the directory after a rename.
+//! (statvfs), the lock that marks the process owning the buffer (flock), the reserve file
+//! (fallocate), moving a damaged file aside and syncing the directory after a rename.
 
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
@@ -49,6 +49,33 @@ pub(crate) fn try_lock(path: &Path) -> io::Result<Option<File>> {
     } else {
         Err(err)
     }
+}
+
+/// Makes the reserve file at `path`: `bytes` really allocated on the file system (not a sparse
+/// file), synced, then renamed into place so that a half-made reserve never counts. On failure
+/// nothing is left behind.
+pub(crate) fn create_reserve(path: &Path, bytes: u64) -> io::Result<()> {
+    let partial = with_suffix(path, ".partial");
+    let made = (|| {
+        let file = OpenOptions::new().write(true).create(true).truncate(true).open(&partial)?;
+        let len = libc::off_t::try_from(bytes)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "the reserve size is too large"))?;
+        // SAFETY: the descriptor belongs to `file`, which is alive for the whole call.
+        let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        file.sync_all()?;
+        std::fs::rename(&partial, path)?;
+        if let Some(dir) = path.parent() {
+            sync_dir(dir)?;
+        }
+        Ok(())
+    })();
+    if made.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    made
 }
 
 /// The name a damaged file at `path` is moved aside to now: the first
@@ -120,6 +147,18 @@ mod tests {
         assert!(try_lock(&path).unwrap().is_none(), "a second holder is refused");
         drop(first);
         assert!(try_lock(&path).unwrap().is_some());
+    }
+
+    #[test]
+    fn the_reserve_is_allocated_for_real() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.reserve");
+        create_reserve(&path, 1 << 20).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.len(), 1 << 20);
+        assert!(meta.blocks() * 512 >= 1 << 20, "not sparse: {} blocks", meta.blocks());
+        assert!(!with_suffix(&path, ".partial").exists());
     }
 
     #[test]

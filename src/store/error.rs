@@ -61,6 +61,27 @@ pub enum StoreError {
     )]
     NewerSchema { path: PathBuf, found: i64, supported: u32 },
 
+    /// Reading the buffer without writing (`queue`) found a file at an older schema version,
+    /// which only a writer may migrate. Nothing was changed. Retrying helps once the kiosk
+    /// (or any command that writes, such as `upload`) has opened the buffer once.
+    #[error(
+        "buffer {path} has schema version {found}, older than this capture-kiosk's {current}, and \
+         reading it without writing cannot migrate it; start capture-kiosk (or run \
+         `capture-kiosk upload`) once, which migrates it, then ask again"
+    )]
+    OlderSchema { path: PathBuf, found: u32, current: u32 },
+
+    /// The buffer cannot be read without writing beside it (`queue` never writes): SQLite's
+    /// shared-memory index is missing or cannot be set up (a full disk, a read-only file
+    /// system), or a writer kept changing the file. Nothing was changed. Retrying helps once
+    /// the kiosk has run (it folds the write-ahead log back into the file) or space is freed.
+    #[error(
+        "buffer {path} cannot be read without writing to it ({detail}); this command never writes: \
+         start capture-kiosk (or run `capture-kiosk upload`) so that it folds its write-ahead log \
+         back into the file, or free some disk space, then ask again"
+    )]
+    ReadOnly { path: PathBuf, detail: String },
+
     /// SQLite refused to switch the file to WAL (a file system without shared memory or
     /// locking, such as some network mounts). Retrying does not help: use a local file system.
     #[error("buffer {path} cannot use write-ahead logging (journal_mode is {mode}); put the state directory on a local file system")]
@@ -130,7 +151,11 @@ impl StoreError {
     /// buffer's contents or free space (uploads, pruning, another process letting go).
     pub fn is_retryable(&self) -> bool {
         match self {
-            StoreError::Full { .. } | StoreError::DiskFull { .. } | StoreError::Locked { .. } => true,
+            StoreError::Full { .. }
+            | StoreError::DiskFull { .. }
+            | StoreError::Locked { .. }
+            | StoreError::OlderSchema { .. }
+            | StoreError::ReadOnly { .. } => true,
             StoreError::Sqlite { source, .. } => {
                 source.sqlite_error_code() == Some(ErrorCode::SystemIoFailure)
             }

@@ -16,6 +16,8 @@ impl Store {
             dir: self.dir.clone(),
             caps: self.caps,
             recovery: Recovery::default(),
+            // The process's owning handle keeps the reserve file; this one only shares it.
+            owner: false,
             _lock: None,
         })
     }

@@ -1,5 +1,6 @@
-//! The inspection state machine as a table: which state may follow which, and what a
-//! transition needs (an image to upload, a reason to give up). Pure: no SQL, no clock.
+//! The inspection state machine as a table: which state may follow which, what a transition
+//! needs (an image to upload, a reason to give up), and how each state is left. Pure: no SQL,
+//! no clock.
 
 use super::InspectionState::{self, Cancelled, Captured, Capturing, Completed, Failed, Uploading};
 
@@ -52,10 +53,37 @@ pub(crate) fn no_image_reason(failures: &[(String, String)]) -> String {
     format!("no angle was captured ({})", each.join("; "))
 }
 
-/// The reason an inspection found `capturing` at open is cancelled with.
-pub(crate) fn interrupted_reason(images: u64) -> String {
-    let kept = if images == 1 { "1 image kept".to_owned() } else { format!("{images} images kept") };
-    format!("capture interrupted: the kiosk stopped before this inspection finished; {kept}")
+/// Why an angle of an inspection found `capturing` at open (a kill or a power cut
+/// mid-capture) was neither stored nor failed.
+pub const INTERRUPTED_REASON: &str = "the kiosk stopped during capture";
+
+/// How an inspection leaves a state: by itself (upload, retention, the next open), or only
+/// by an operator's decision. The store module doc has the same table in words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// The kiosk moves it on without anyone acting; says how.
+    Automatic(&'static str),
+    /// Only an operator moves it on (the `retry` command); says why it waits for one.
+    Operator(&'static str),
+}
+
+/// The way out of `state` for an inspection that holds images or not.
+pub(crate) fn exit(state: InspectionState, holds_images: bool) -> Exit {
+    match (state, holds_images) {
+        (Capturing, _) => Exit::Automatic(
+            "the capture ends, or the owner's next open closes it: captured with what it holds, failed when it holds nothing",
+        ),
+        (Captured, _) => Exit::Automatic("the uploader takes it"),
+        (Uploading, _) => Exit::Automatic("the cloud's answer completes it, fails it, or puts it back in the queue"),
+        (Completed, _) => Exit::Automatic(
+            "pruned completed_retention after completion, or earlier, oldest first, when the buffer needs the space",
+        ),
+        (Failed | Cancelled, false) => {
+            Exit::Automatic("pruned completed_retention after its last change: it holds nothing to deliver")
+        }
+        (Failed, true) => Exit::Operator("the cloud refused it for good or it was given up: an operator's retry queues it again"),
+        (Cancelled, true) => Exit::Operator("an operator cancelled it: an operator's retry queues it again"),
+    }
 }
 
 fn join_states(states: &[InspectionState]) -> String {
@@ -131,11 +159,28 @@ mod tests {
         let failures =
             [("Front".to_owned(), "camera gone".to_owned()), ("Rear".to_owned(), "bad frame".to_owned())];
         assert_eq!(no_image_reason(&failures), "no angle was captured (Front: camera gone; Rear: bad frame)");
+        let interrupted = [("Rear".to_owned(), INTERRUPTED_REASON.to_owned())];
         assert_eq!(
-            interrupted_reason(1),
-            "capture interrupted: the kiosk stopped before this inspection finished; 1 image kept"
+            no_image_reason(&interrupted),
+            "no angle was captured (Rear: the kiosk stopped during capture)"
         );
-        assert!(interrupted_reason(0).ends_with("; 0 images kept"));
-        assert!(interrupted_reason(7).ends_with("; 7 images kept"));
+    }
+
+    #[test]
+    fn only_failed_or_cancelled_evidence_waits_for_an_operator() {
+        for state in InspectionState::ALL {
+            for images in [false, true] {
+                let operator = matches!(exit(state, images), Exit::Operator(_));
+                assert_eq!(
+                    operator,
+                    images && matches!(state, Failed | Cancelled),
+                    "{state} holding images: {images}"
+                );
+                if operator {
+                    // The operator's way out is a legal move.
+                    assert!(check_transition(state, Captured, 1, None).is_ok(), "{state}");
+                }
+            }
+        }
     }
 }

@@ -5,16 +5,19 @@
 //!
 //! The kiosk runs unattended for months. Power is cut without warning, the process is killed,
 //! the disk fills up. Through all of that an image that was reported as stored must never be
-//! lost, and nothing may leave the buffer before the cloud has it. Speed and file size come
-//! second. The buffer is one process's: writes come from the capture threads and the uploader
-//! of one daemon (behind a mutex); the CLI may open it alongside to read.
+//! lost, nothing may leave the buffer before the cloud has it, and nothing may stay in it for
+//! good: every state has a way out. Speed and file size come second. The buffer is one
+//! process's: writes come from the capture threads and the uploader of one daemon (behind a
+//! mutex); the CLI may open it alongside, and `queue` reads it without writing anything.
 //!
 //! # On-disk layout
 //!
 //! One SQLite database, `buffer.sqlite3`, in the state directory (created if missing), with
-//! SQLite's own `buffer.sqlite3-wal` and `buffer.sqlite3-shm` next to it, and an empty
+//! SQLite's own `buffer.sqlite3-wal` and `buffer.sqlite3-shm` next to it, an empty
 //! `buffer.sqlite3.lock` whose `flock` marks the process that owns the buffer (the kernel
-//! drops it when that process dies, however it dies).
+//! drops it when that process dies, however it dies), and `buffer.sqlite3.reserve`, a file of
+//! [`RESERVE_BYTES`] that the owner keeps so that the buffer can always write the few pages a
+//! delete, a state change or an angle failure needs, even on a full disk (see "Space").
 //!
 //! Pragmas, set on every open, outside any transaction:
 //! - `journal_mode=WAL`, set with `pragma_update_and_check`; any answer but `wal` is an error
@@ -22,9 +25,11 @@
 //! - `synchronous=FULL`: a commit is fsync'd before it returns, so it survives a power cut.
 //! - `foreign_keys=ON`: images and angle failures cannot outlive their inspection.
 //! - `busy_timeout` of 5 s: a second connection waits for a lock instead of failing at once.
-//! - `auto_vacuum=INCREMENTAL`, set while the file is still empty (it cannot change once a
-//!   table exists without a full `VACUUM`), so pruning gives pages back to the file system
-//!   with `PRAGMA incremental_vacuum`.
+//! - `auto_vacuum=INCREMENTAL`, set while a new file is still empty. It cannot change once a
+//!   table exists without a full `VACUUM`: a file made without it (by a build before it was
+//!   set, or by hand) is converted by the owner with one `VACUUM` after the version 4
+//!   migration, when the disk has room for the copy VACUUM writes (twice the file); until then
+//!   it is tried again at every owner's open, and freed pages are still reused.
 //! - `journal_size_limit` of 64 MiB: the WAL file shrinks back after a checkpoint.
 //!
 //! Every write is one `BEGIN IMMEDIATE` transaction: it takes the write lock up front, so it
@@ -40,14 +45,14 @@
 //! - `state TEXT`: one of the [`InspectionState`]s, in snake case.
 //! - `reason TEXT NULL`: why it failed or was cancelled (or a note from the uploader).
 //! - `created_at`, `updated_at INTEGER`: unix milliseconds; `updated_at` moves on every state
-//!   change and nothing else.
+//!   change and nothing else (so for a `completed` inspection it is when the cloud completed it).
 //!
 //! `images`, one row per stored angle, `UNIQUE (inspection_id, angle)`:
 //! `inspection_id` (→ `inspections.id`, `ON DELETE CASCADE`), `angle` (API label), `camera`,
 //! `captured_at` (unix ms), `source_width`, `source_height`, `source_bytes` (the camera's
 //! frame), `width`, `height`, `bytes` (the stored JPEG), `sha256` (lowercase hex, computed by
 //! the store from the blob), `jpeg BLOB` (the JPEG itself, last so that scans of the other
-//! columns do not read it; an index on `(inspection_id, bytes)` serves the byte totals).
+//! columns do not read it).
 //!
 //! `angle_failures`, one row per angle that gave up, `UNIQUE (inspection_id, angle)`:
 //! `inspection_id` (→ `inspections.id`, `ON DELETE CASCADE`), `angle`, `reason`, `at` (unix ms).
@@ -64,36 +69,100 @@
 //! answered with its first outcome and not executed twice (`store/commands.rs`). Version 4 adds
 //! `recoveries` (`id`, `at`, `moved_to`, `damage`, `report` JSON, `acknowledged_at`): the
 //! reports of salvages from a damaged file, kept until an operator acknowledges them
-//! (`store/salvage.rs`).
+//! (`store/salvage.rs`). Version 5
+//! adds the counters, the queue order and the audit trail below.
 //!
 //! ## Upload state (schema version 2)
 //!
 //! `inspections` gains `upload_attempts INTEGER` (tries that stopped short of completion),
 //! `upload_error TEXT NULL` (why the last one stopped) and `session TEXT NULL` (the cloud session
-//! the inspection is being sent under). `sent` rows (`inspection_id`, `session`, `angle`, `sha256`,
-//! `at`; unique per inspection, session and angle) say which images that session holds as far as
-//! the kiosk knows. `dead_sessions` (`session` primary key, `inspection_id`, `why`, `at`) lists
-//! sessions given up for good (expired, consumed, or incomplete when their tokens were lost with a
-//! restart): [`Store::open_session`] refuses them. No token is ever stored: see `store/upload.rs`.
+//! the inspection is being sent under, kept after completion). `sent` rows (`inspection_id`,
+//! `session`, `angle`, `sha256`, `at`; unique per inspection, session and angle) say which images
+//! that session holds as far as the kiosk knows. `dead_sessions` (`session` primary key,
+//! `inspection_id`, `why`, `at`) lists sessions given up for good (expired, consumed, or
+//! incomplete when their tokens were lost with a restart): [`Store::open_session`] refuses them.
+//! No token is ever stored: see `store/upload.rs`.
+//!
+//! ## Counters, queue order and audit trail (schema version 4)
+//!
+//! - `inspections.images`, `inspections.bytes`: the image count and JPEG bytes of the
+//!   inspection, and `state_totals` (`state` primary key, `inspections`, `images`, `bytes`): the
+//!   same per state. Both are kept by triggers on `images` and `inspections` in the transaction
+//!   that changes them (cascaded deletes included), so [`Store::totals`] reads six rows instead
+//!   of counting every image; [`Store::check_integrity`] recounts them.
+//! - `inspections.queue_rank`, `turn_attempts`, `moved_behind`: the upload queue is
+//!   `captured` and `uploading` inspections by `(queue_rank, id)` (the partial index
+//!   `inspections_upload_queue`), so the oldest goes first. An inspection whose upload stopped
+//!   on a transient error [`MOVE_BEHIND_AFTER`] times in a row while others wait gets the
+//!   highest rank (it moves behind every one of them) and its count in a row starts again;
+//!   `moved_behind` counts how often, for `queue`. An operator's retry puts it back at rank 0.
+//! - `pruned`, the audit trail: one row per inspection that left the buffer (`seq`,
+//!   `inspection_id`, `case_id`, `state`, `session`, `completed_at` (when it reached its final
+//!   state), `images`, `bytes`, `images_sha256`, `rule`: `retention` or `space`), written in
+//!   the transaction that deletes it. `images_sha256` is the sha256 of the image sha256s in
+//!   ascending order, each as lowercase hex followed by a newline (`sort | sha256sum` of one
+//!   hash a line), so that what the cloud received can be checked against it. The newest
+//!   [`PRUNED_HISTORY`] rows are kept.
+//! - `inspections_not_completed` (a partial index on `created_at`) finds the oldest inspection
+//!   not yet completed; `dead_sessions_by_inspection` keeps cascaded deletes from scanning.
 //!
 //! # Inspection states
 //!
 //! | from | to | how |
 //! |---|---|---|
-//! | `capturing` | `captured` | [`Store::finish_capture`] with at least one image |
-//! | `capturing` | `failed` | [`Store::finish_capture`] with no image: "no angle was captured (…)" |
-//! | `capturing` | `cancelled` | [`Store::cancel`]; or at open, when the process capturing it died |
+//! | `capturing` | `captured` | [`Store::finish_capture`] with at least one image; or at open, when the process capturing it died |
+//! | `capturing` | `failed` | the same with no image: "no angle was captured (…)" |
+//! | `capturing` | `cancelled` | [`Store::cancel`]: an operator's cancel |
 //! | `captured` | `uploading` | the uploader takes it |
 //! | `captured` | `failed`, `cancelled` | given up for good; an operator's cancel |
 //! | `uploading` | `completed` | the cloud accepted the inspection |
 //! | `uploading` | `captured` | the upload stopped (crash, expired session): back in the queue |
 //! | `uploading` | `failed` | the cloud refused it for good |
-//! | `failed`, `cancelled` | `captured` | an operator's retry; needs at least one image |
-//! | `completed` | — | final: it leaves only through [`Store::prune_completed`] |
+//! | `failed`, `cancelled` | `captured` | an operator's retry ([`Store::retry`]); needs at least one image |
+//! | `completed` | — | final: it leaves only through pruning |
 //!
 //! Every other move is refused with [`StoreError::IllegalTransition`] and changes nothing;
 //! moving to `failed` or `cancelled` needs a reason. [`Store::set_state`] applies any legal
-//! move; `finish_capture` and `cancel` are the capture pipeline's shorthands for it.
+//! move; `finish_capture`, `cancel` and `retry` are shorthands for it.
+//!
+//! ## Every state has an exit
+//!
+//! Nothing may stay for good where neither upload nor retention moves it; what only a person
+//! can decide is said to be so ([`InspectionState::exit`] holds this table):
+//!
+//! | state | leaves by itself through | or by an operator's decision |
+//! |---|---|---|
+//! | `capturing` | the end of the capture, or the owner's next open (a kill or power cut mid-capture): `captured` with what it holds, its missing angles failed with "the kiosk stopped during capture"; `failed` when it holds nothing | `cancel` |
+//! | `captured` | the uploader | `cancel` |
+//! | `uploading` | the cloud's answer: `completed`, `failed`, or back to `captured` | — |
+//! | `completed` | pruning: `completed_retention` after completion, or earlier, oldest first, when a new inspection needs the space | — |
+//! | `failed`, `cancelled` holding no image | pruning, `completed_retention` after the last change: there is nothing to deliver | — |
+//! | `failed` holding images | — (the cloud refused it for good: a person must look) | `retry` |
+//! | `cancelled` holding images | — (an operator cancelled it) | `retry` |
+//!
+//! `cancelled` only ever comes from an operator's cancel, never from a crash.
+//!
+//! # Space
+//!
+//! - **Caps refuse, never evict what is not delivered**: a new inspection (or image) that would
+//!   cross `max_bytes` or eat into `min_free_disk` is refused with [`StoreError::Full`]. The
+//!   space the caps see is the file system's free space plus the buffer's own free pages
+//!   (`freelist_count × page_size`, which SQLite reuses before it grows the file), less
+//!   [`RESERVE_BYTES`] while the reserve file is missing (that space belongs to it).
+//! - **Delivered evidence gives way**: before refusing, completed inspections (the cloud has
+//!   them) are pruned early, oldest completion first, as far as needed, each with an audit row
+//!   (rule `space`) and an INFO line. Nothing that is not completed is touched, so a bay whose
+//!   cloud is reachable never refuses a car because of what it already delivered.
+//! - **Space goes back to the file system**: after pruning, `PRAGMA incremental_vacuum` moves
+//!   pages from the end of the file into the freed holes, in steps of at most a third of the
+//!   free disk (the moved pages pass through the WAL), each followed by a
+//!   `wal_checkpoint(TRUNCATE)` that shrinks the file and empties the WAL.
+//! - **Deleting never needs free disk**: in WAL mode even a delete appends pages to the WAL. A
+//!   write that must not fail (an angle failure, the end of a capture, a state change, upload
+//!   bookkeeping, a prune, a migration) that hits `SQLITE_FULL` deletes the reserve file and is
+//!   tried once more; the owner makes the reserve again once the disk has room for it. Pruning
+//!   goes in batches of [`PRUNE_BATCH`] inspections so that one transaction stays small. New
+//!   inspections and images never use the reserve.
 //!
 //! # Invariants
 //!
@@ -103,16 +172,15 @@
 //! - **The JPEG bytes live in the database** as a blob next to the sha256 the store computed
 //!   from them; [`Store::image_jpeg`] checks the hash on every read and reports a mismatch as
 //!   [`StoreError::Corrupt`] instead of handing out damaged evidence.
-//! - **Rows leave only through a logged retention rule**: [`Store::prune_completed`] deletes
-//!   `completed` inspections (the cloud has them) last updated before its cutoff, logging each
-//!   at INFO. Nothing that is not uploaded is ever deleted, whatever the caps say.
-//! - **Caps refuse, never evict**: when the buffer or the disk is full, a new inspection (or
-//!   image) is refused with [`StoreError::Full`] and nothing buffered is touched.
+//! - **Rows leave only through pruning, with an audit row each**: [`Store::prune_completed`]
+//!   (retention) and the space rule above delete `completed` inspections, and retention also
+//!   deletes `failed` or `cancelled` ones that hold no image; each is logged at INFO. Nothing
+//!   that holds an image the cloud does not have is ever deleted, whatever the caps say.
 //! - **An angle is captured or failed, never both**, and at most once: a second image of the
 //!   same angle is refused ([`StoreError::AngleAlreadyStored`]), not swapped in. Images and
 //!   failures are only recorded while the inspection is `capturing`.
-//! - **Nothing stays `capturing` across a restart**: the owner's open cancels what a dead
-//!   process left capturing, keeping its images (see below).
+//! - **Nothing stays `capturing` across a restart**: the owner's open closes what a dead
+//!   process left capturing (see below); an interrupted capture is evidence already taken.
 //! - **A damaged file is moved aside, never deleted**, and the move is logged at ERROR. What
 //!   it still holds whose sha256 matches is salvaged into the fresh buffer first, and the
 //!   report of what was recovered and lost stays in `recoveries` until acknowledged.
@@ -129,12 +197,21 @@
 //!    and `-shm`, to `buffer.sqlite3.corrupt-<unix ms>` and the fresh buffer takes its place,
 //!    with a report in `recoveries` (logged at ERROR). A locked file or a permission problem
 //!    is not damage: it is an error naming the path and the fix, and nothing moves.
-//! 3. The schema is migrated forward.
-//! 4. The owner cancels every inspection still `capturing`, with the reason "capture
-//!    interrupted: the kiosk stopped before this inspection finished; N images kept", logged at
-//!    WARN. Its images stay.
+//! 3. The schema is migrated forward; the owner converts a file to incremental vacuum.
+//! 4. The owner closes every inspection still `capturing`: `captured` when it holds an image
+//!    (each angle neither stored nor failed is failed with "the kiosk stopped during capture"),
+//!    `failed` when it holds none, logged at WARN. Then it makes the reserve file if missing.
 //!
 //! [`Store::recovery`] reports what happened.
+//!
+//! # Reading without writing
+//!
+//! [`Store::read_only`] is for `queue`: it creates nothing (no directory, no lock file, no
+//! `-wal` or `-shm`), migrates nothing and moves nothing, so it works on a full disk. With no
+//! `-wal` beside the file (nothing has it open) it reads the file as immutable and checks
+//! afterwards that no writer came along meanwhile (reading again if one did); with a `-wal`
+//! and its `-shm` it reads through them like any reader. A `-wal` without its `-shm`, or a file
+//! at an older schema version, is an error that says to start the kiosk once.
 
 mod caps;
 mod commands;
@@ -142,8 +219,10 @@ mod disk;
 mod error;
 mod handle;
 mod lifecycle;
+mod prune;
 mod salvage;
 mod schema;
+mod space;
 mod upload;
 
 pub use commands::REMEMBERED_COMMANDS;
@@ -162,12 +241,15 @@ use crate::vehicle::{CaseId, PhotoLabel, Vehicle};
 
 pub use caps::Refusal;
 pub use error::StoreError;
+pub use lifecycle::{Exit, INTERRUPTED_REASON};
+pub use prune::{images_digest, PruneRule, PrunedRecord, PRUNED_HISTORY, PRUNE_BATCH};
 pub use salvage::{
     acknowledge_recoveries, check_buffer, BufferCheck, LostAngle, LostInspection, RecoveryRecord,
     SalvageReport,
 };
 pub use schema::SCHEMA_VERSION;
-pub use upload::UploadState;
+pub use space::RESERVE_BYTES;
+pub use upload::{UploadState, MOVE_BEHIND_AFTER};
 
 use error::sqlite_error;
 
@@ -194,7 +276,8 @@ impl fmt::Display for InspectionId {
     }
 }
 
-/// Where an inspection stands. The module doc lists the legal moves between states.
+/// Where an inspection stands. The module doc lists the legal moves between states and how
+/// each state is left.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum InspectionState {
@@ -204,11 +287,11 @@ pub enum InspectionState {
     Captured,
     /// The uploader is sending it.
     Uploading,
-    /// The cloud has it; it may be pruned after the retention period.
+    /// The cloud has it; it may be pruned after the retention period, or earlier for space.
     Completed,
     /// Given up, with a reason; images kept.
     Failed,
-    /// Stopped by an operator or by a crash mid-capture, with a reason; images kept.
+    /// Stopped by an operator, with a reason; images kept.
     Cancelled,
 }
 
@@ -242,6 +325,12 @@ impl InspectionState {
     /// The states that may follow this one.
     pub fn successors(self) -> &'static [InspectionState] {
         lifecycle::successors(self)
+    }
+
+    /// How an inspection in this state, holding images or not, leaves it (the module doc's
+    /// table "Every state has an exit").
+    pub fn exit(self, holds_images: bool) -> Exit {
+        lifecycle::exit(self, holds_images)
     }
 }
 
@@ -326,7 +415,8 @@ pub struct Totals {
     pub bytes: u64,
     /// Inspections `captured` or `uploading`: the upload queue.
     pub awaiting_upload: u64,
-    /// When the oldest inspection in the buffer was created (MQTT's `oldest_age_s`).
+    /// When the oldest inspection not yet completed was created (MQTT's `oldest_age_s`);
+    /// `None` when every inspection in the buffer is completed.
     #[serde(skip)]
     pub oldest_created_at: Option<SystemTime>,
 }
@@ -334,8 +424,9 @@ pub struct Totals {
 /// What [`Store::open`] found and repaired.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Recovery {
-    /// Inspections found `capturing`, left by a process that died mid-capture; each was
-    /// cancelled with its images kept.
+    /// Inspections found `capturing`, left by a process that died mid-capture; each was closed:
+    /// `captured` with what it holds (its missing angles failed with [`INTERRUPTED_REASON`]),
+    /// or `failed` when it held no image.
     pub interrupted: Vec<InspectionId>,
     /// Where a damaged buffer file was moved (its `-wal` and `-shm`, if any, got the same name
     /// plus their suffix); the buffer now open is a fresh one holding what could be salvaged
@@ -355,6 +446,8 @@ pub struct Store {
     dir: PathBuf,
     caps: Caps,
     recovery: Recovery,
+    /// Whether this process holds the lock: it runs recovery and keeps the reserve file.
+    owner: bool,
     /// Held for the store's lifetime when this process owns the buffer.
     _lock: Option<std::fs::File>,
 }
@@ -365,13 +458,14 @@ impl fmt::Debug for Store {
             .field("path", &self.path)
             .field("caps", &self.caps)
             .field("recovery", &self.recovery)
+            .field("owner", &self.owner)
             .finish_non_exhaustive()
     }
 }
 
 impl Store {
     /// Opens the buffer in `state_dir` (creating both if missing), moves a damaged file aside,
-    /// migrates the schema and cancels inspections a dead process left `capturing`; the module
+    /// migrates the schema and closes inspections a dead process left `capturing`; the module
     /// doc has the details and [`Store::recovery`] the outcome. `now` stamps what recovery
     /// changes and names a moved-aside file.
     pub fn open(state_dir: &Path, caps: Caps, now: SystemTime) -> Result<Store, StoreError> {
@@ -393,10 +487,15 @@ impl Store {
         if owner {
             salvage::finish_interrupted(&path)?;
         }
-        let opened = match schema::open(&path, owner).and_then(|o| salvage::refuse_flagged(&path, owner, o)) {
+        // A migration must not fail for want of disk: it may use the reserve.
+        let open_schema = || match schema::open(&path, owner) {
+            Err(StoreError::DiskFull { .. }) if space::release_reserve(&path) => schema::open(&path, owner),
+            other => other,
+        };
+        let opened = match open_schema().and_then(|o| salvage::refuse_flagged(&path, owner, o)) {
             Err(StoreError::Corrupt { detail, .. }) if owner => {
                 recovery.moved_aside = Some(salvage::replace_damaged(&path, &detail, now)?);
-                schema::open(&path, owner)?
+                open_schema()?
             }
             other => other?,
         };
@@ -404,12 +503,61 @@ impl Store {
         // The file or its companions may be new: make their directory entries durable.
         disk::sync_dir(state_dir).map_err(|e| io("sync", e))?;
 
-        let mut store =
-            Store { conn: opened.connection, path, dir: state_dir.to_owned(), caps, recovery, _lock: lock };
+        let mut store = Store {
+            conn: opened.connection,
+            path,
+            dir: state_dir.to_owned(),
+            caps,
+            recovery,
+            owner,
+            _lock: lock,
+        };
         if owner {
-            store.recovery.interrupted = store.cancel_interrupted(now)?;
+            store.convert_to_incremental_vacuum();
+            store.recovery.interrupted = store.writing(|s| s.close_interrupted(now))?;
+            store.restore_reserve();
         }
         Ok(store)
+    }
+
+    /// Reads the buffer in `state_dir` without writing anything (see "Reading without
+    /// writing" in the module doc): `read` gets a store that only reads, and its answer is
+    /// returned once it is known that no writer changed the file meanwhile. `Ok(None)` when
+    /// there is no buffer yet. Works on a full disk and on a read-only file system.
+    pub fn read_only<T>(
+        state_dir: &Path,
+        caps: Caps,
+        mut read: impl FnMut(&Store) -> Result<T, StoreError>,
+    ) -> Result<Option<T>, StoreError> {
+        let path = state_dir.join(FILE_NAME);
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let Some(opened) = schema::open_read_only(&path)? else {
+                return Ok(None);
+            };
+            let store = Store {
+                conn: opened.connection,
+                path: path.clone(),
+                dir: state_dir.to_owned(),
+                caps,
+                recovery: Recovery { shared: true, ..Recovery::default() },
+                owner: false,
+                _lock: None,
+            };
+            let answer = read(&store);
+            drop(store);
+            if opened.snapshot.as_ref().is_none_or(|s| s.still_current(&path)) {
+                return answer.map(Some);
+            }
+            if tries >= 3 {
+                return Err(StoreError::ReadOnly {
+                    path,
+                    detail: "a writer kept changing it while it was read".to_owned(),
+                });
+            }
+            log::debug!(path:% = path.display(); "Buffer changed while it was read without a lock; reading again");
+        }
     }
 
     /// What [`Store::open`] found and repaired.
@@ -434,8 +582,9 @@ impl Store {
     }
 
     /// Starts an inspection in state `capturing`, if the caps allow it: the buffered JPEG
-    /// bytes plus `expected_image_bytes` per angle must stay within `max_bytes`, and the file
-    /// system must keep `min_free_disk` free after that estimate. A refusal is
+    /// bytes plus `expected_image_bytes` per angle must stay within `max_bytes`, and the space
+    /// the buffer may use must keep `min_free_disk` free after that estimate. Completed
+    /// inspections are pruned early, oldest first, when that makes it fit. A refusal is
     /// [`StoreError::Full`], logged at WARN, and writes nothing.
     pub fn begin_inspection(
         &mut self,
@@ -444,17 +593,7 @@ impl Store {
     ) -> Result<InspectionId, StoreError> {
         check_angles(new)?;
         let needed = new.expected_image_bytes.saturating_mul(new.angles.len() as u64);
-        let free = self.free_bytes()?;
-        let vehicle = new.vehicle.map(|v| {
-            serde_json::to_string(v).expect("a Vehicle is strings and numbers, which always serialise")
-        });
-        let angles = serde_json::to_string(new.angles).expect("photo labels always serialise");
-        let path = self.path.clone();
-        let err = |e| sqlite_error(&path, e);
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
-        let buffered: i64 =
-            tx.query_row("SELECT COALESCE(SUM(bytes), 0) FROM images", [], |r| r.get(0)).map_err(err)?;
-        if let Err(refusal) = caps::check_inspection(self.caps, to_u64(buffered), free, needed) {
+        if let Err(refusal) = self.make_room(needed, prune::Need::Inspection)? {
             log::warn!(case_id = new.case_id.as_str(), refusal:% = refusal; "Inspection refused: the buffer is full");
             return Err(StoreError::Full {
                 path: self.path.clone(),
@@ -462,6 +601,13 @@ impl Store {
                 refusal,
             });
         }
+        let vehicle = new.vehicle.map(|v| {
+            serde_json::to_string(v).expect("a Vehicle is strings and numbers, which always serialise")
+        });
+        let angles = serde_json::to_string(new.angles).expect("photo labels always serialise");
+        let path = self.path.clone();
+        let err = |e| sqlite_error(&path, e);
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
         let at = unix_millis(now);
         tx.execute(
             "INSERT INTO inspections (case_id, vehicle, angles, state, reason, created_at, updated_at)
@@ -477,11 +623,11 @@ impl Store {
     /// Stores one image of a `capturing` inspection; durable once this returns `Ok`. The
     /// store computes the sha256. Refused when the inspection is unknown or not capturing,
     /// the angle was not requested or already has its image, or the image would take the
-    /// file system's free space below `min_free_disk`. A refusal writes nothing.
+    /// space the buffer may use below `min_free_disk` (after pruning completed inspections
+    /// early, if that helps). A refusal writes nothing.
     pub fn add_image(&mut self, id: InspectionId, image: &NewImage<'_>) -> Result<(), StoreError> {
         let bytes = image.jpeg.len() as u64;
-        let free = self.free_bytes()?;
-        if let Err(refusal) = caps::check_image(self.caps, free, bytes) {
+        if let Err(refusal) = self.make_room(bytes, prune::Need::Image)? {
             log::warn!(inspection_id = id.0, angle = image.angle.as_str(), refusal:% = refusal; "Image refused: the disk is full");
             return Err(StoreError::Full {
                 path: self.path.clone(),
@@ -489,6 +635,19 @@ impl Store {
                 refusal,
             });
         }
+        match self.add_image_once(id, image) {
+            // The image passes through the WAL before it lands in the file's free pages: when
+            // the disk has no room for that, the free pages go back to the file system first.
+            Err(StoreError::DiskFull { .. }) if self.free_pages()? > 0 => {
+                self.give_space_back();
+                self.add_image_once(id, image)
+            }
+            other => other,
+        }
+    }
+
+    fn add_image_once(&mut self, id: InspectionId, image: &NewImage<'_>) -> Result<(), StoreError> {
+        let bytes = image.jpeg.len() as u64;
         let sha256 = hex::encode(Sha256::digest(image.jpeg));
         let path = self.path.clone();
         let err = |e| sqlite_error(&path, e);
@@ -528,7 +687,8 @@ impl Store {
     }
 
     /// Records why an angle of a `capturing` inspection could not be captured. Recording the
-    /// same angle again replaces the reason; an angle that has its image cannot fail.
+    /// same angle again replaces the reason; an angle that has its image cannot fail. May use
+    /// the reserve on a full disk.
     pub fn record_angle_failure(
         &mut self,
         id: InspectionId,
@@ -536,65 +696,65 @@ impl Store {
         reason: &str,
         now: SystemTime,
     ) -> Result<(), StoreError> {
-        let path = self.path.clone();
-        let err = |e| sqlite_error(&path, e);
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
-        let head = load_head(&tx, &self.path, id)?;
-        head.check_recording(id, angle)?;
-        if has_image(&tx, id, angle).map_err(err)? {
-            return Err(StoreError::AngleAlreadyStored { id, angle });
-        }
-        tx.execute(
-            "INSERT INTO angle_failures (inspection_id, angle, reason, at) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (inspection_id, angle) DO UPDATE SET reason = excluded.reason, at = excluded.at",
-            params![id.0, angle.as_str(), reason, unix_millis(now)],
-        )
-        .map_err(err)?;
-        tx.commit().map_err(err)
+        self.writing(|s| s.record_angle_failure_once(id, angle, reason, now))
     }
 
     /// Ends the capture: `captured` when at least one image is stored, otherwise `failed`
-    /// with the reason "no angle was captured" and why each angle failed. Returns the new state.
+    /// with the reason "no angle was captured" and why each angle failed. Returns the new
+    /// state. May use the reserve on a full disk.
     pub fn finish_capture(
         &mut self,
         id: InspectionId,
         now: SystemTime,
     ) -> Result<InspectionState, StoreError> {
-        let path = self.path.clone();
-        let err = |e| sqlite_error(&path, e);
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
-        let head = load_head(&tx, &self.path, id)?;
-        let (to, reason) = if head.images > 0 {
-            (InspectionState::Captured, None)
-        } else {
-            let failures = failures_of(&tx, id).map_err(err)?;
-            (InspectionState::Failed, Some(lifecycle::no_image_reason(&failures)))
-        };
-        if head.state != InspectionState::Capturing {
-            let why = "only a capturing inspection can finish capture".to_owned();
-            return Err(StoreError::IllegalTransition { id, from: head.state, to, why });
-        }
-        transition(&tx, &self.path, id, &head, to, reason.as_deref(), now)?;
-        tx.commit().map_err(err)?;
-        Ok(to)
+        self.writing(|s| s.finish_capture_once(id, now))
     }
 
-    /// Cancels a `capturing` or `captured` inspection with `reason`; its images stay.
+    /// An operator's cancel of a `capturing` or `captured` inspection, with `reason`; its
+    /// images stay, and an operator's [`Store::retry`] can queue it again.
     pub fn cancel(&mut self, id: InspectionId, reason: &str, now: SystemTime) -> Result<(), StoreError> {
-        let path = self.path.clone();
-        let err = |e| sqlite_error(&path, e);
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
-        let head = load_head(&tx, &self.path, id)?;
-        if !matches!(head.state, InspectionState::Capturing | InspectionState::Captured) {
-            return Err(StoreError::IllegalTransition {
-                id,
-                from: head.state,
-                to: InspectionState::Cancelled,
-                why: "only a capturing or captured inspection can be cancelled".to_owned(),
-            });
-        }
-        transition(&tx, &self.path, id, &head, InspectionState::Cancelled, Some(reason), now)?;
-        tx.commit().map_err(err)
+        self.writing(|s| {
+            let path = s.path.clone();
+            let err = |e| sqlite_error(&path, e);
+            let tx = s.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
+            let head = load_head(&tx, &path, id)?;
+            if !matches!(head.state, InspectionState::Capturing | InspectionState::Captured) {
+                return Err(StoreError::IllegalTransition {
+                    id,
+                    from: head.state,
+                    to: InspectionState::Cancelled,
+                    why: "only a capturing or captured inspection can be cancelled".to_owned(),
+                });
+            }
+            transition(&tx, &path, id, &head, InspectionState::Cancelled, Some(reason), now)?;
+            tx.commit().map_err(err)
+        })
+    }
+
+    /// An operator's retry: a `failed` or `cancelled` inspection that holds images goes back
+    /// to `captured`, at its place in the upload queue by age, with its count of failed tries
+    /// in a row cleared. Returns the state it left. Anything else is
+    /// [`StoreError::IllegalTransition`] and changes nothing.
+    pub fn retry(&mut self, id: InspectionId, now: SystemTime) -> Result<InspectionState, StoreError> {
+        self.writing(|s| {
+            let path = s.path.clone();
+            let err = |e| sqlite_error(&path, e);
+            let tx = s.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
+            let head = load_head(&tx, &path, id)?;
+            if !matches!(head.state, InspectionState::Failed | InspectionState::Cancelled) {
+                return Err(StoreError::IllegalTransition {
+                    id,
+                    from: head.state,
+                    to: InspectionState::Captured,
+                    why: "only a failed or cancelled inspection can be retried".to_owned(),
+                });
+            }
+            transition(&tx, &path, id, &head, InspectionState::Captured, None, now)?;
+            tx.execute("UPDATE inspections SET queue_rank = 0, turn_attempts = 0 WHERE id = ?1", [id.0])
+                .map_err(err)?;
+            tx.commit().map_err(err)?;
+            Ok(head.state)
+        })
     }
 
     /// Moves an inspection to `to` if the state machine allows it (see the module doc), with
@@ -607,24 +767,28 @@ impl Store {
         reason: Option<&str>,
         now: SystemTime,
     ) -> Result<InspectionState, StoreError> {
-        let path = self.path.clone();
-        let err = |e| sqlite_error(&path, e);
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
-        let head = load_head(&tx, &self.path, id)?;
-        transition(&tx, &self.path, id, &head, to, reason, now)?;
-        tx.commit().map_err(err)?;
-        Ok(head.state)
+        self.writing(|s| {
+            let path = s.path.clone();
+            let err = |e| sqlite_error(&path, e);
+            let tx = s.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
+            let head = load_head(&tx, &path, id)?;
+            transition(&tx, &path, id, &head, to, reason, now)?;
+            tx.commit().map_err(err)?;
+            Ok(head.state)
+        })
     }
 
     /// One inspection, or `None` if there is no such id.
     pub fn inspection(&self, id: InspectionId) -> Result<Option<InspectionSummary>, StoreError> {
-        let mut found = self.summaries(Some(id))?;
+        let tx = self.conn.unchecked_transaction().map_err(|e| sqlite_error(&self.path, e))?;
+        let mut found = self.summaries_in(&tx, Some(id))?;
         Ok(found.pop())
     }
 
     /// Every inspection in the buffer, oldest first.
     pub fn list(&self) -> Result<Vec<InspectionSummary>, StoreError> {
-        self.summaries(None)
+        let tx = self.conn.unchecked_transaction().map_err(|e| sqlite_error(&self.path, e))?;
+        self.summaries_in(&tx, None)
     }
 
     /// The vehicle given when the inspection began, if any.
@@ -709,97 +873,89 @@ impl Store {
         Ok(Some(jpeg))
     }
 
-    /// What the whole buffer holds, read in one consistent snapshot.
+    /// What the whole buffer holds, read in one consistent snapshot from the counters the
+    /// triggers keep: a handful of rows, however large the buffer.
     pub fn totals(&self) -> Result<Totals, StoreError> {
-        self.conn
-            .query_row(
-                "SELECT (SELECT COUNT(*) FROM inspections),
-                        (SELECT COUNT(*) FROM images),
-                        (SELECT COALESCE(SUM(bytes), 0) FROM images),
-                        (SELECT COUNT(*) FROM inspections WHERE state IN ('captured', 'uploading')),
-                        (SELECT MIN(created_at) FROM inspections)",
-                [],
-                |r| {
-                    Ok(Totals {
-                        inspections: to_u64(r.get(0)?),
-                        images: to_u64(r.get(1)?),
-                        bytes: to_u64(r.get(2)?),
-                        awaiting_upload: to_u64(r.get(3)?),
-                        oldest_created_at: r.get::<_, Option<i64>>(4)?.map(from_unix_millis),
-                    })
-                },
-            )
-            .map_err(|e| sqlite_error(&self.path, e))
-    }
-
-    /// The retention rule: deletes the `completed` inspections last updated before
-    /// `older_than`, with their images, logging each at INFO, then gives the freed pages back
-    /// to the file system. Touches nothing in any other state. Returns how many were pruned.
-    pub fn prune_completed(&mut self, older_than: SystemTime) -> Result<u64, StoreError> {
-        let path = self.path.clone();
-        let err = |e| sqlite_error(&path, e);
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
-        let doomed: Vec<(i64, String, i64, i64)> = {
-            let mut stmt = tx
-                .prepare(
-                    "SELECT i.id, i.case_id,
-                            (SELECT COUNT(*) FROM images m WHERE m.inspection_id = i.id),
-                            (SELECT COALESCE(SUM(bytes), 0) FROM images m WHERE m.inspection_id = i.id)
-                     FROM inspections i
-                     WHERE i.state = 'completed' AND i.updated_at < ?1
-                     ORDER BY i.id",
-                )
-                .map_err(err)?;
-            let rows = stmt
-                .query_map([unix_millis(older_than)], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-                .map_err(err)?;
-            rows.collect::<Result<_, _>>().map_err(err)?
+        let err = |e| sqlite_error(&self.path, e);
+        let tx = self.conn.unchecked_transaction().map_err(err)?;
+        let per_state = state_totals(&tx).map_err(err)?;
+        let oldest: Option<i64> = tx
+            .query_row("SELECT MIN(created_at) FROM inspections WHERE state <> 'completed'", [], |r| r.get(0))
+            .map_err(err)?;
+        let mut totals = Totals {
+            inspections: 0,
+            images: 0,
+            bytes: 0,
+            awaiting_upload: 0,
+            oldest_created_at: oldest.map(from_unix_millis),
         };
-        for (id, ..) in &doomed {
-            tx.execute("DELETE FROM inspections WHERE id = ?1 AND state = 'completed'", [id]).map_err(err)?;
-        }
-        tx.commit().map_err(err)?;
-        for (id, case_id, images, bytes) in &doomed {
-            log::info!(inspection_id = *id, case_id = case_id.as_str(), images = *images, bytes = *bytes; "Completed inspection pruned from the buffer");
-        }
-        if !doomed.is_empty() {
-            if let Err(e) = self.give_space_back() {
-                // The rows are gone for good either way; the space comes back at the next prune.
-                log::warn!(path:% = self.path.display(), error:% = e; "Buffer space not given back after pruning");
+        for (state, counts) in per_state {
+            totals.inspections += counts.inspections;
+            totals.images += counts.images;
+            totals.bytes += counts.bytes;
+            if matches!(state.as_str(), "captured" | "uploading") {
+                totals.awaiting_upload += counts.inspections;
             }
         }
-        Ok(doomed.len() as u64)
+        Ok(totals)
     }
 
-    /// Bytes free on the state directory's file system, as the caps see it.
+    /// Bytes free on the state directory's file system (what the kernel says; the caps also
+    /// count the buffer's own free pages, see [`Store::would_refuse`]).
     pub fn disk_free_bytes(&self) -> Result<u64, StoreError> {
         self.free_bytes()
     }
 
     /// The refusal [`Store::begin_inspection`] would give an inspection of `angles` angles of
-    /// `expected_image_bytes` each right now, or `None` if it would be accepted (MQTT's
-    /// `buffer.full`).
+    /// `expected_image_bytes` each right now, or `None` if it would be accepted, counting what
+    /// pruning delivered inspections early would free (MQTT's `buffer.full`).
     pub fn would_refuse(
         &self,
         angles: usize,
         expected_image_bytes: u64,
     ) -> Result<Option<Refusal>, StoreError> {
         let needed = expected_image_bytes.saturating_mul(angles as u64);
-        let free = self.free_bytes()?;
-        let totals = self.totals()?;
-        Ok(caps::check_inspection(self.caps, totals.bytes, free, needed).err())
+        let space = self.usable_space()?;
+        let (buffered, reclaimable) = self.buffered_and_reclaimable()?;
+        let verdict = caps::check_inspection(
+            self.caps,
+            buffered.saturating_sub(reclaimable),
+            space.saturating_add(reclaimable),
+            needed,
+        );
+        // Report the refusal in today's numbers, not in the hoped-for ones.
+        Ok(verdict.err().map(|_| {
+            caps::check_inspection(self.caps, buffered, space, needed).err().unwrap_or(Refusal::MaxBytes {
+                buffered,
+                needed,
+                max_bytes: self.caps.max_bytes,
+            })
+        }))
     }
 
-    /// Runs the full `PRAGMA integrity_check` and re-hashes every image. Returns the problems
-    /// found, none when the buffer is sound. Reads the whole file: slow on a big buffer.
+    /// Runs the full `PRAGMA integrity_check`, re-hashes every image and recounts what the
+    /// counters say. Returns the problems found, none when the buffer is sound. Reads the
+    /// whole file: slow on a big buffer.
     pub fn check_integrity(&self) -> Result<Vec<String>, StoreError> {
-        salvage::integrity(&self.conn).map(|(problems, _)| problems).map_err(|e| sqlite_error(&self.path, e))
+        let err = |e| sqlite_error(&self.path, e);
+        let (mut problems, _) = salvage::integrity(&self.conn).map_err(err)?;
+        problems.extend(schema::recount(&self.conn).map_err(err)?);
+        Ok(problems)
     }
 
     /// Pages the buffer file has now (of `PRAGMA page_size` bytes each).
     pub fn page_count(&self) -> Result<u64, StoreError> {
         self.conn
             .pragma_query_value(None, "page_count", |r| r.get::<_, i64>(0))
+            .map(to_u64)
+            .map_err(|e| sqlite_error(&self.path, e))
+    }
+
+    /// Pages of the file that hold nothing (`PRAGMA freelist_count`): SQLite reuses them before
+    /// it grows the file, and incremental vacuum gives them back to the file system.
+    pub fn free_pages(&self) -> Result<u64, StoreError> {
+        self.conn
+            .pragma_query_value(None, "freelist_count", |r| r.get::<_, i64>(0))
             .map(to_u64)
             .map_err(|e| sqlite_error(&self.path, e))
     }
@@ -816,46 +972,97 @@ impl Store {
 
     // ---- helpers ----
 
-    /// Cancels every inspection still `capturing`: its process died mid-capture.
-    fn cancel_interrupted(&mut self, now: SystemTime) -> Result<Vec<InspectionId>, StoreError> {
+    fn record_angle_failure_once(
+        &mut self,
+        id: InspectionId,
+        angle: PhotoLabel,
+        reason: &str,
+        now: SystemTime,
+    ) -> Result<(), StoreError> {
         let path = self.path.clone();
         let err = |e| sqlite_error(&path, e);
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
-        let found: Vec<(i64, String, i64)> = {
-            let mut stmt = tx
-                .prepare(
-                    "SELECT i.id, i.case_id, (SELECT COUNT(*) FROM images m WHERE m.inspection_id = i.id)
-                     FROM inspections i WHERE i.state = 'capturing' ORDER BY i.id",
-                )
-                .map_err(err)?;
-            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).map_err(err)?;
-            rows.collect::<Result<_, _>>().map_err(err)?
-        };
-        for (id, _, images) in &found {
-            tx.execute(
-                "UPDATE inspections SET state = 'cancelled', reason = ?2, updated_at = ?3 WHERE id = ?1",
-                params![id, lifecycle::interrupted_reason(to_u64(*images)), unix_millis(now)],
-            )
-            .map_err(err)?;
+        let head = load_head(&tx, &self.path, id)?;
+        head.check_recording(id, angle)?;
+        if has_image(&tx, id, angle).map_err(err)? {
+            return Err(StoreError::AngleAlreadyStored { id, angle });
         }
-        tx.commit().map_err(err)?;
-        for (id, case_id, images) in &found {
-            log::warn!(inspection_id = *id, case_id = case_id.as_str(), images = *images; "Capture interrupted by a stop of the kiosk: inspection cancelled, images kept");
-        }
-        Ok(found.into_iter().map(|(id, ..)| InspectionId(id)).collect())
+        tx.execute(
+            "INSERT INTO angle_failures (inspection_id, angle, reason, at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (inspection_id, angle) DO UPDATE SET reason = excluded.reason, at = excluded.at",
+            params![id.0, angle.as_str(), reason, unix_millis(now)],
+        )
+        .map_err(err)?;
+        tx.commit().map_err(err)
     }
 
-    /// `PRAGMA incremental_vacuum` (stepped to the end: each step frees one page), then a
-    /// checkpoint so the file really shrinks.
-    fn give_space_back(&self) -> rusqlite::Result<()> {
-        let mut stmt = self.conn.prepare("PRAGMA incremental_vacuum")?;
-        let mut rows = stmt.query([])?;
-        while rows.next()?.is_some() {}
-        drop(rows);
-        let mut stmt = self.conn.prepare("PRAGMA wal_checkpoint(TRUNCATE)")?;
-        let mut rows = stmt.query([])?;
-        while rows.next()?.is_some() {}
-        Ok(())
+    fn finish_capture_once(
+        &mut self,
+        id: InspectionId,
+        now: SystemTime,
+    ) -> Result<InspectionState, StoreError> {
+        let path = self.path.clone();
+        let err = |e| sqlite_error(&path, e);
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
+        let head = load_head(&tx, &self.path, id)?;
+        let (to, reason) = if head.images > 0 {
+            (InspectionState::Captured, None)
+        } else {
+            let failures = failures_of(&tx, id).map_err(err)?;
+            (InspectionState::Failed, Some(lifecycle::no_image_reason(&failures)))
+        };
+        if head.state != InspectionState::Capturing {
+            let why = "only a capturing inspection can finish capture".to_owned();
+            return Err(StoreError::IllegalTransition { id, from: head.state, to, why });
+        }
+        transition(&tx, &self.path, id, &head, to, reason.as_deref(), now)?;
+        tx.commit().map_err(err)?;
+        Ok(to)
+    }
+
+    /// Closes every inspection still `capturing`: its process died mid-capture. What it holds
+    /// is evidence already taken: each angle neither stored nor failed fails with
+    /// [`INTERRUPTED_REASON`], and it becomes `captured` (or `failed` when it holds no image).
+    fn close_interrupted(&mut self, now: SystemTime) -> Result<Vec<InspectionId>, StoreError> {
+        let path = self.path.clone();
+        let err = |e| sqlite_error(&path, e);
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
+        let found: Vec<i64> = {
+            let mut stmt = tx
+                .prepare("SELECT id FROM inspections WHERE state = 'capturing' ORDER BY id")
+                .map_err(err)?;
+            let rows = stmt.query_map([], |r| r.get(0)).map_err(err)?;
+            rows.collect::<Result<_, _>>().map_err(err)?
+        };
+        let mut closed = Vec::new();
+        for id in found.into_iter().map(InspectionId) {
+            let head = load_head(&tx, &path, id)?;
+            let failed: Vec<String> =
+                failures_of(&tx, id).map_err(err)?.into_iter().map(|(a, _)| a).collect();
+            for angle in &head.angles {
+                if failed.iter().any(|a| a == angle.as_str()) || has_image(&tx, id, *angle).map_err(err)? {
+                    continue;
+                }
+                tx.execute(
+                    "INSERT INTO angle_failures (inspection_id, angle, reason, at) VALUES (?1, ?2, ?3, ?4)",
+                    params![id.0, angle.as_str(), INTERRUPTED_REASON, unix_millis(now)],
+                )
+                .map_err(err)?;
+            }
+            let (to, reason) = if head.images > 0 {
+                (InspectionState::Captured, None)
+            } else {
+                let failures = failures_of(&tx, id).map_err(err)?;
+                (InspectionState::Failed, Some(lifecycle::no_image_reason(&failures)))
+            };
+            transition(&tx, &path, id, &head, to, reason.as_deref(), now)?;
+            closed.push((id, head.case_id, head.images, to));
+        }
+        tx.commit().map_err(err)?;
+        for (id, case_id, images, to) in &closed {
+            log::warn!(inspection_id = id.0, case_id = case_id.as_str(), images = *images, state = to.as_str(); "Capture interrupted by a stop of the kiosk: what it holds is kept and goes to the cloud");
+        }
+        Ok(closed.into_iter().map(|(id, ..)| id).collect())
     }
 
     fn free_bytes(&self) -> Result<u64, StoreError> {
@@ -866,35 +1073,52 @@ impl Store {
         })
     }
 
-    /// Summaries of one inspection or of all, read in one snapshot.
-    fn summaries(&self, only: Option<InspectionId>) -> Result<Vec<InspectionSummary>, StoreError> {
+    /// All buffered JPEG bytes, and those of completed inspections (which may be pruned early).
+    fn buffered_and_reclaimable(&self) -> Result<(u64, u64), StoreError> {
+        let per_state = state_totals(&self.conn).map_err(|e| sqlite_error(&self.path, e))?;
+        let buffered = per_state.iter().map(|(_, c)| c.bytes).sum();
+        let reclaimable = per_state.iter().find(|(s, _)| s == "completed").map_or(0, |(_, c)| c.bytes);
+        Ok((buffered, reclaimable))
+    }
+
+    /// Summaries of one inspection or of all, read through `conn` (one snapshot).
+    fn summaries_in(
+        &self,
+        conn: &Connection,
+        only: Option<InspectionId>,
+    ) -> Result<Vec<InspectionSummary>, StoreError> {
         let err = |e| sqlite_error(&self.path, e);
-        let tx = self.conn.unchecked_transaction().map_err(err)?;
-        let filter = only.map(|id| id.0);
         let mut failures: HashMap<i64, Vec<(String, String)>> = HashMap::new();
         {
-            let mut stmt = tx
-                .prepare(
+            let (sql, args) = match only {
+                Some(id) => (
                     "SELECT inspection_id, angle, reason FROM angle_failures
-                     WHERE ?1 IS NULL OR inspection_id = ?1 ORDER BY inspection_id, rowid",
-                )
+                     WHERE inspection_id = ?1 ORDER BY rowid",
+                    vec![id.0],
+                ),
+                None => (
+                    "SELECT inspection_id, angle, reason FROM angle_failures ORDER BY inspection_id, rowid",
+                    vec![],
+                ),
+            };
+            let mut stmt = conn.prepare(sql).map_err(err)?;
+            let rows = stmt
+                .query_map(rusqlite::params_from_iter(args), |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
                 .map_err(err)?;
-            let rows = stmt.query_map([filter], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).map_err(err)?;
             for row in rows {
                 let (id, angle, reason): (i64, String, String) = row.map_err(err)?;
                 failures.entry(id).or_default().push((angle, reason));
             }
         }
-        let mut stmt = tx
-            .prepare(
-                "SELECT i.id, i.case_id, i.state, i.reason, i.angles, i.created_at, i.updated_at,
-                        (SELECT COUNT(*) FROM images m WHERE m.inspection_id = i.id),
-                        (SELECT COALESCE(SUM(bytes), 0) FROM images m WHERE m.inspection_id = i.id)
-                 FROM inspections i WHERE ?1 IS NULL OR i.id = ?1 ORDER BY i.id",
-            )
-            .map_err(err)?;
+        const COLUMNS: &str =
+            "SELECT id, case_id, state, reason, angles, created_at, updated_at, images, bytes FROM inspections";
+        let (sql, args) = match only {
+            Some(id) => (format!("{COLUMNS} WHERE id = ?1"), vec![id.0]),
+            None => (format!("{COLUMNS} ORDER BY id"), vec![]),
+        };
+        let mut stmt = conn.prepare(&sql).map_err(err)?;
         let rows = stmt
-            .query_map([filter], |r| {
+            .query_map(rusqlite::params_from_iter(args), |r| {
                 Ok(RawSummary {
                     id: r.get(0)?,
                     case_id: r.get(1)?,
@@ -991,12 +1215,9 @@ impl Head {
 
 fn load_head(conn: &Connection, path: &Path, id: InspectionId) -> Result<Head, StoreError> {
     let raw: Option<(String, String, String, i64)> = conn
-        .query_row(
-            "SELECT case_id, state, angles, (SELECT COUNT(*) FROM images m WHERE m.inspection_id = i.id)
-             FROM inspections i WHERE id = ?1",
-            [id.0],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-        )
+        .query_row("SELECT case_id, state, angles, images FROM inspections WHERE id = ?1", [id.0], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })
         .optional()
         .map_err(|e| sqlite_error(path, e))?;
     let (case_id, state, angles, images) =
@@ -1035,6 +1256,26 @@ fn transition(
         "Inspection state changed"
     );
     Ok(())
+}
+
+/// What one state's inspections hold, from `state_totals`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Counts {
+    inspections: u64,
+    images: u64,
+    bytes: u64,
+}
+
+/// The six rows of `state_totals`, as `(state, counts)`.
+fn state_totals(conn: &Connection) -> rusqlite::Result<Vec<(String, Counts)>> {
+    let mut stmt = conn.prepare_cached("SELECT state, inspections, images, bytes FROM state_totals")?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get(0)?,
+            Counts { inspections: to_u64(r.get(1)?), images: to_u64(r.get(2)?), bytes: to_u64(r.get(3)?) },
+        ))
+    })?;
+    rows.collect()
 }
 
 fn failures_of(conn: &Connection, id: InspectionId) -> rusqlite::Result<Vec<(String, String)>> {

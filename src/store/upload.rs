@@ -1,6 +1,8 @@
 //! The uploader's bookkeeping in the buffer (schema version 2): which cloud session an
 //! inspection is being sent under, which of its images that session already holds, the sessions
-//! that must never be used again, and how many tries the upload took with the last error.
+//! that must never be used again, and how many tries the upload took with the last error; and
+//! the queue's order (schema version 4): which inspection goes next, and moving one that keeps
+//! failing behind the others.
 //!
 //! No token is ever written here. Tokens live 15 minutes and are worth nothing after a restart,
 //! but they would be worth something to whoever reads the file while they live. A session key
@@ -12,9 +14,14 @@ use std::time::SystemTime;
 use rusqlite::{params, OptionalExtension, TransactionBehavior};
 
 use super::error::sqlite_error;
-use super::{InspectionId, Store, StoreError};
+use super::{to_i64, InspectionId, InspectionSummary, Store, StoreError};
 use crate::clock::unix_millis;
 use crate::vehicle::PhotoLabel;
+
+/// Failed upload tries in a row after which an inspection moves behind every other one waiting,
+/// so that one inspection that keeps failing with a transient error (a 503 on its images, a
+/// request that always times out) cannot hold the queue forever. Oldest first otherwise.
+pub const MOVE_BEHIND_AFTER: u64 = 5;
 
 /// The upload side of one inspection, as `queue` shows it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -27,6 +34,9 @@ pub struct UploadState {
     pub session: Option<String>,
     /// Images the open session already holds.
     pub sent: u64,
+    /// How often it was moved behind the others after [`MOVE_BEHIND_AFTER`] failed tries in
+    /// a row.
+    pub moved_behind: u64,
 }
 
 impl Store {
@@ -37,7 +47,8 @@ impl Store {
             .conn
             .prepare(
                 "SELECT i.id, i.upload_attempts, i.upload_error, i.session,
-                        (SELECT COUNT(*) FROM sent s WHERE s.inspection_id = i.id AND s.session = i.session)
+                        (SELECT COUNT(*) FROM sent s WHERE s.inspection_id = i.id AND s.session = i.session),
+                        i.moved_behind
                  FROM inspections i",
             )
             .map_err(err)?;
@@ -50,6 +61,7 @@ impl Store {
                         last_error: r.get(2)?,
                         session: r.get(3)?,
                         sent: r.get::<_, i64>(4)?.max(0) as u64,
+                        moved_behind: r.get::<_, i64>(5)?.max(0) as u64,
                     },
                 ))
             })
@@ -59,13 +71,54 @@ impl Store {
 
     /// The upload state of one inspection.
     pub fn upload_state(&self, id: InspectionId) -> Result<UploadState, StoreError> {
-        let mut all = self.upload_states()?;
-        all.remove(&id).ok_or_else(|| StoreError::UnknownInspection { path: self.path.clone(), id })
+        self.conn
+            .query_row(
+                "SELECT i.upload_attempts, i.upload_error, i.session,
+                        (SELECT COUNT(*) FROM sent s WHERE s.inspection_id = i.id AND s.session = i.session),
+                        i.moved_behind
+                 FROM inspections i WHERE i.id = ?1",
+                [id.0],
+                |r| {
+                    Ok(UploadState {
+                        attempts: r.get::<_, i64>(0)?.max(0) as u64,
+                        last_error: r.get(1)?,
+                        session: r.get(2)?,
+                        sent: r.get::<_, i64>(3)?.max(0) as u64,
+                        moved_behind: r.get::<_, i64>(4)?.max(0) as u64,
+                    })
+                },
+            )
+            .optional()
+            .map_err(|e| sqlite_error(&self.path, e))?
+            .ok_or_else(|| StoreError::UnknownInspection { path: self.path.clone(), id })
+    }
+
+    /// The inspection the uploader takes next: the first `captured` or `uploading` one by
+    /// queue rank, then age (an indexed lookup, however long the history), or `None` when
+    /// nothing waits.
+    pub fn next_to_upload(&self) -> Result<Option<InspectionSummary>, StoreError> {
+        let err = |e| sqlite_error(&self.path, e);
+        let tx = self.conn.unchecked_transaction().map_err(err)?;
+        let id: Option<i64> = tx
+            .query_row(
+                "SELECT id FROM inspections WHERE state IN ('captured', 'uploading')
+                 ORDER BY queue_rank, id LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(err)?;
+        let Some(id) = id else { return Ok(None) };
+        Ok(self.summaries_in(&tx, Some(InspectionId(id)))?.pop())
     }
 
     /// Records that `session` was opened for this inspection. Written before the first image
     /// goes, so that after a crash the uploader asks the cloud what this session holds.
     pub fn open_session(&mut self, id: InspectionId, session: &str) -> Result<(), StoreError> {
+        self.writing(|s| s.open_session_once(id, session))
+    }
+
+    fn open_session_once(&mut self, id: InspectionId, session: &str) -> Result<(), StoreError> {
         let path = self.path.clone();
         let err = |e| sqlite_error(&path, e);
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
@@ -90,6 +143,15 @@ impl Store {
     /// with a restart while it was incomplete): it is recorded so that it is never used again,
     /// and what it held is forgotten, so that every image goes again under the next session.
     pub fn abandon_session(
+        &mut self,
+        id: InspectionId,
+        why: &str,
+        now: SystemTime,
+    ) -> Result<(), StoreError> {
+        self.writing(|s| s.abandon_session_once(id, why, now))
+    }
+
+    fn abandon_session_once(
         &mut self,
         id: InspectionId,
         why: &str,
@@ -135,18 +197,20 @@ impl Store {
         images: &[(PhotoLabel, &str)],
         now: SystemTime,
     ) -> Result<(), StoreError> {
-        let path = self.path.clone();
-        let err = |e| sqlite_error(&path, e);
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
-        for (angle, sha256) in images {
+        self.writing(|s| {
+            let path = s.path.clone();
+            let err = |e| sqlite_error(&path, e);
+            let tx = s.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
+            for (angle, sha256) in images {
             tx.execute(
                 "INSERT INTO sent (inspection_id, session, angle, sha256, at) VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (inspection_id, session, angle) DO UPDATE SET sha256 = excluded.sha256, at = excluded.at",
                 params![id.0, session, angle.as_str(), sha256, unix_millis(now)],
             )
             .map_err(err)?;
-        }
-        tx.commit().map_err(err)
+            }
+            tx.commit().map_err(err)
+        })
     }
 
     /// The images `session` holds for this inspection, as far as the kiosk knows: label → sha256.
@@ -181,27 +245,63 @@ impl Store {
     }
 
     /// Counts a try that stopped short of completion, keeping why (`None` leaves the reason).
+    /// The [`MOVE_BEHIND_AFTER`]th failed try in a row of an inspection that waits while others
+    /// wait too moves it behind all of them (logged at INFO), and its count in a row starts
+    /// again.
     pub fn record_upload_attempt(&mut self, id: InspectionId, error: Option<&str>) -> Result<(), StoreError> {
-        let changed = self
-            .conn
+        self.writing(|s| s.record_upload_attempt_once(id, error))
+    }
+
+    fn record_upload_attempt_once(
+        &mut self,
+        id: InspectionId,
+        error: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let err = |e| sqlite_error(&path, e);
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
+        let changed = tx
             .execute(
                 "UPDATE inspections SET upload_attempts = upload_attempts + 1,
+                        turn_attempts = turn_attempts + 1,
                         upload_error = COALESCE(?2, upload_error) WHERE id = ?1",
                 params![id.0, error],
             )
-            .map_err(|e| sqlite_error(&self.path, e))?;
+            .map_err(err)?;
         if changed == 0 {
-            return Err(StoreError::UnknownInspection { path: self.path.clone(), id });
+            return Err(StoreError::UnknownInspection { path: path.clone(), id });
+        }
+        let moved: Option<(String, i64)> = tx
+            .query_row(
+                "UPDATE inspections SET
+                        queue_rank = (SELECT MAX(queue_rank) FROM inspections
+                                      WHERE state IN ('captured', 'uploading')) + 1,
+                        turn_attempts = 0,
+                        moved_behind = moved_behind + 1
+                 WHERE id = ?1 AND turn_attempts >= ?2 AND state IN ('captured', 'uploading')
+                   AND EXISTS (SELECT 1 FROM inspections o
+                               WHERE o.state IN ('captured', 'uploading') AND o.id <> ?1)
+                 RETURNING case_id, upload_attempts",
+                params![id.0, to_i64(MOVE_BEHIND_AFTER)],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(err)?;
+        tx.commit().map_err(err)?;
+        if let Some((case_id, attempts)) = moved {
+            log::info!(inspection_id = id.0, case_id = case_id.as_str(), attempts = attempts, error = error.unwrap_or(""); "Upload keeps failing: inspection moved behind the others waiting");
         }
         Ok(())
     }
 
     /// Sets or clears the last upload error without counting a try.
     pub fn set_upload_error(&mut self, id: InspectionId, error: Option<&str>) -> Result<(), StoreError> {
-        self.conn
-            .execute("UPDATE inspections SET upload_error = ?2 WHERE id = ?1", params![id.0, error])
-            .map_err(|e| sqlite_error(&self.path, e))?;
-        Ok(())
+        self.writing(|s| {
+            s.conn
+                .execute("UPDATE inspections SET upload_error = ?2 WHERE id = ?1", params![id.0, error])
+                .map_err(|e| sqlite_error(&s.path, e))?;
+            Ok(())
+        })
     }
 }
 

@@ -184,10 +184,8 @@ impl Uploader {
             let why = self.link.last_error.clone().unwrap_or_else(|| "waiting".to_owned());
             return Pump::Wait(self.not_before - now, why);
         }
-        let next = match store.list() {
-            Ok(all) => all
-                .into_iter()
-                .find(|i| matches!(i.state, InspectionState::Captured | InspectionState::Uploading)),
+        let next = match store.next_to_upload() {
+            Ok(next) => next,
             Err(e) => return self.buffer_failed(&e),
         };
         let Some(inspection) = next else {

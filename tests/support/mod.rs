@@ -109,3 +109,79 @@ pub fn cloud_toml(base_url: &str, secret: &Path) -> String {
         secret.display()
     )
 }
+
+/// A small tmpfs mounted on a temporary directory for one test (a real file system that
+/// fills up), unmounted when dropped. Mounting needs root: without it, [`Tmpfs::mount`] prints
+/// why the test is skipped and returns `None`.
+pub struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    pub fn mount(bytes: u64, test: &str) -> Option<Tmpfs> {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("{test}: skipped: mounting a tmpfs needs root (the test suite runs as root in CI)");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes},mode=0755"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("mount runs");
+        assert!(status.success(), "mounting a tmpfs on {} failed: {status}", dir.path().display());
+        Some(Tmpfs { dir })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Bytes an unprivileged writer may still use (statvfs `f_bavail * f_frsize`).
+    pub fn free(&self) -> u64 {
+        let c_path = std::ffi::CString::new(self.path().as_os_str().as_encoded_bytes()).unwrap();
+        let mut stat = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+        // SAFETY: a valid C string and a writable statvfs.
+        assert_eq!(unsafe { libc::statvfs(c_path.as_ptr(), stat.as_mut_ptr()) }, 0);
+        // SAFETY: statvfs returned 0, so it filled the struct.
+        let stat = unsafe { stat.assume_init() };
+        #[allow(clippy::useless_conversion)]
+        let free = u64::from(stat.f_bavail) * u64::from(stat.f_frsize);
+        free
+    }
+
+    /// Grows the file `name` until at most `leave` bytes are free (0: until the disk is full).
+    pub fn fill(&self, name: &str, leave: u64) {
+        let mut file =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.path().join(name)).unwrap();
+        let chunk = vec![0xA5u8; 64 << 10];
+        loop {
+            let free = self.free();
+            if free <= leave {
+                break;
+            }
+            let n = (free - leave).min(chunk.len() as u64) as usize;
+            if file.write_all(&chunk[..n]).and_then(|()| file.sync_all()).is_err() {
+                break;
+            }
+        }
+    }
+
+    /// Shrinks the file `name` by `bytes` (or deletes it when that is all of it).
+    pub fn free_up(&self, name: &str, bytes: u64) {
+        let path = self.path().join(name);
+        let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        if len <= bytes {
+            let _ = std::fs::remove_file(&path);
+        } else {
+            std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(len - bytes).unwrap();
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(self.dir.path()).status();
+    }
+}
