@@ -62,6 +62,7 @@
 //! version 3 adds `commands` (`seq`, `command_id` unique, `answer` JSON, `at`): the daemon's
 //! answers to the last `REMEMBERED_COMMANDS` commands, so a command id seen before a restart is
 //! answered with its first outcome and not executed twice (`store/commands.rs`).
+//! Version 4 adds the quality gate's scores to `images` (`store/quality.rs`).
 //!
 //! ## Upload state (schema version 2)
 //!
@@ -133,6 +134,7 @@ mod commands;
 mod disk;
 mod error;
 mod lifecycle;
+mod quality;
 mod schema;
 mod upload;
 
@@ -152,6 +154,7 @@ use crate::vehicle::{CaseId, PhotoLabel, Vehicle};
 
 pub use caps::Refusal;
 pub use error::StoreError;
+pub use quality::{AngleQuality, ImageQuality};
 pub use schema::SCHEMA_VERSION;
 pub use upload::UploadState;
 
@@ -472,6 +475,16 @@ impl Store {
     /// the angle was not requested or already has its image, or the image would take the
     /// file system's free space below `min_free_disk`. A refusal writes nothing.
     pub fn add_image(&mut self, id: InspectionId, image: &NewImage<'_>) -> Result<(), StoreError> {
+        self.insert_image(id, image, None)
+    }
+
+    /// `add_image`, with the image's quality scores in the same transaction when given.
+    fn insert_image(
+        &mut self,
+        id: InspectionId,
+        image: &NewImage<'_>,
+        quality: Option<&ImageQuality>,
+    ) -> Result<(), StoreError> {
         let bytes = image.jpeg.len() as u64;
         let free = self.free_bytes()?;
         if let Err(refusal) = caps::check_image(self.caps, free, bytes) {
@@ -511,6 +524,9 @@ impl Store {
             ],
         )
         .map_err(err)?;
+        if let Some(quality) = quality {
+            quality::write(&tx, id, image.angle, quality).map_err(err)?;
+        }
         // The angle is captured now, so it is no longer failed.
         tx.execute(
             "DELETE FROM angle_failures WHERE inspection_id = ?1 AND angle = ?2",

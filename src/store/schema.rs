@@ -10,7 +10,7 @@ use super::error::sqlite_error;
 use super::StoreError;
 
 /// The schema version this build writes and understands (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: u32 = 3;
+pub const SCHEMA_VERSION: u32 = 4;
 
 /// How long a statement waits for another connection's lock before failing with `Locked`.
 pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -104,6 +104,7 @@ const MIGRATIONS: &[Migration] = &[
         ) STRICT;
     ",
     },
+    Migration { to: 4, sql: super::quality::QUALITY_COLUMNS },
 ];
 
 /// What [`open`] found and did.
