@@ -19,7 +19,9 @@ use crate::demo::{self, DemoOptions};
 use crate::imaging;
 use crate::inspection::{self, InspectionError, Progress, Request, Rig, Settings};
 use crate::standin::{StandIn, StandInConfig};
-use crate::store::{InspectionId, InspectionState, InspectionSummary, Store, StoreError, UploadState};
+use crate::store::{
+    AngleQuality, InspectionId, InspectionState, InspectionSummary, Store, StoreError, UploadState,
+};
 use crate::upload::credentials::load_secret;
 use crate::upload::{drain, Event};
 use crate::vehicle::{CaseId, PhotoLabel, Vehicle, Vin};
@@ -97,10 +99,15 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Test every configured camera and list the V4L2 devices the system offers.
+    /// Test every configured camera (a test frame from each, its quality scores, a preview with
+    /// its privacy masks) and list the V4L2 devices the system offers.
     Cameras {
         #[arg(long)]
         config: PathBuf,
+        /// Where the previews go, one `CAMERA.jpg` each (default: `previews/` in the state
+        /// directory).
+        #[arg(long)]
+        preview_dir: Option<PathBuf>,
     },
     /// Serve a strict stand-in of the cloud inspection API on 127.0.0.1, for commissioning a bay
     /// and for tests, without billing real sessions.
@@ -154,7 +161,7 @@ pub fn run(cli: Cli) -> ExitCode {
         }
         Command::Upload { config, max_wait } => upload(&config, max_wait),
         Command::Queue { config, json } => queue(&config, json),
-        Command::Cameras { config } => cameras(&config),
+        Command::Cameras { config, preview_dir } => cameras(&config, preview_dir),
         Command::Standin { port, username, api_key, api_secret_file, token_ttl, session_ttl } => {
             standin(port, username, api_key, api_secret_file, token_ttl, session_ttl)
         }
@@ -270,6 +277,9 @@ fn inspect(
     for (angle, reason) in &outcome.failed {
         println!("  failed {angle}: {reason}");
     }
+    for (angle, reason) in &outcome.poor {
+        println!("  stored below the quality thresholds {angle}: {reason}");
+    }
     let captured = if outcome.failed.is_empty() { EXIT_OK } else { EXIT_PARTIAL };
     if outcome.captured.is_empty() {
         return Ok(EXIT_FAILED);
@@ -365,6 +375,7 @@ fn queue(path: &Path, json: bool) -> anyhow::Result<u8> {
     let list = store.list()?;
     let totals = store.totals()?;
     let uploads = store.upload_states()?;
+    let mut qualities = store.image_qualities()?;
     let now = SystemTime::now();
     if json {
         let inspections: Vec<serde_json::Value> = list
@@ -375,6 +386,9 @@ fn queue(path: &Path, json: bool) -> anyhow::Result<u8> {
                 v["created_at"] = serde_json::json!(crate::clock::rfc3339_seconds(i.created_at));
                 v["upload"] =
                     serde_json::to_value(uploads.get(&i.id).cloned().unwrap_or_default()).unwrap_or_default();
+                // Kept on the bay: the cloud contract has no place for the scores.
+                v["image_quality"] =
+                    serde_json::to_value(qualities.remove(&i.id).unwrap_or_default()).unwrap_or_default();
                 v
             })
             .collect();
@@ -398,7 +412,7 @@ fn queue(path: &Path, json: bool) -> anyhow::Result<u8> {
             ByteSize(i.bytes).to_string(),
             short_age(age(now, i.created_at)),
             upload.attempts,
-            note(i, &upload)
+            note(i, &upload, qualities.get(&i.id).map(Vec::as_slice).unwrap_or_default())
         );
     }
     println!(
@@ -411,7 +425,7 @@ fn queue(path: &Path, json: bool) -> anyhow::Result<u8> {
     Ok(EXIT_OK)
 }
 
-fn note(i: &InspectionSummary, upload: &UploadState) -> String {
+fn note(i: &InspectionSummary, upload: &UploadState, qualities: &[AngleQuality]) -> String {
     let mut parts = Vec::new();
     if let Some(r) = &i.reason {
         parts.push(r.clone());
@@ -426,6 +440,11 @@ fn note(i: &InspectionSummary, upload: &UploadState) -> String {
     }
     for (angle, reason) in &i.failed_angles {
         parts.push(format!("{angle} failed: {reason}"));
+    }
+    for q in qualities {
+        if let Some(reason) = &q.quality.poor {
+            parts.push(format!("{} poor: {reason}", q.angle));
+        }
     }
     parts.join("; ")
 }
@@ -444,11 +463,12 @@ fn short_age(d: Duration) -> String {
     }
 }
 
-fn cameras(path: &Path) -> anyhow::Result<u8> {
+fn cameras(path: &Path, preview_dir: Option<PathBuf>) -> anyhow::Result<u8> {
     let config = match load(path) {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
+    let preview_dir = preview_dir.unwrap_or_else(|| config.state_dir.join("previews"));
     let clock = SystemClock::new();
     let mut all_ok = true;
     let mut rig = Rig::open(&config).context("a camera cannot be opened")?;
@@ -458,17 +478,21 @@ fn cameras(path: &Path) -> anyhow::Result<u8> {
     for c in &config.cameras {
         let angles: Vec<&str> = c.angles.iter().map(|a| a.as_str()).collect();
         let h = health.iter().find(|h| h.camera == c.id);
+        let mut details = Vec::new();
         let status = match h {
             Some(h) if h.status == capture::health::Status::Online => {
                 // Online: one full frame shows what the camera really delivers.
                 match capture::open(c).and_then(|mut cam| cam.capture(c.angles[0])) {
                     Ok(frame) => match imaging::check_complete(&frame) {
-                        Ok(hd) => format!(
-                            "online, test frame {}x{} ({})",
-                            hd.width,
-                            hd.height,
-                            ByteSize(frame.len() as u64)
-                        ),
+                        Ok(hd) => {
+                            details = test_frame_details(c, &frame, &config.imaging, &preview_dir);
+                            format!(
+                                "online, test frame {}x{} ({})",
+                                hd.width,
+                                hd.height,
+                                ByteSize(frame.len() as u64)
+                            )
+                        }
                         Err(e) => {
                             all_ok = false;
                             format!("online, but its frame is bad: {e}")
@@ -490,6 +514,9 @@ fn cameras(path: &Path) -> anyhow::Result<u8> {
             }
         };
         println!("{:<12} {:<40} [{}] {status}", c.id, c.source.to_string(), angles.join(","));
+        for line in details {
+            println!("{:<12} {line}", "");
+        }
     }
     match capture::list_devices() {
         Ok(devices) if devices.is_empty() => println!("V4L2 devices on this system: none"),
@@ -505,6 +532,75 @@ fn cameras(path: &Path) -> anyhow::Result<u8> {
         Err(e) => println!("V4L2 devices on this system: cannot be listed: {e}"),
     }
     Ok(if all_ok { EXIT_OK } else { EXIT_FAILED })
+}
+
+/// What the `cameras` command says about a camera's test frame: its quality scores against the
+/// camera's thresholds, its masks, and where the preview (the stored image with the masks
+/// outlined and a grid every tenth) was written.
+fn test_frame_details(
+    camera: &config::CameraConfig,
+    frame: &[u8],
+    resize: &imaging::ResizeSpec,
+    preview_dir: &Path,
+) -> Vec<String> {
+    let rules = camera.imaging();
+    let (processed, preview) = match imaging::preview(frame, resize, &rules) {
+        Ok(done) => done,
+        Err(e) => return vec![format!("the test frame cannot be processed: {e}")],
+    };
+    let (s, t) = (processed.quality.scores, rules.quality);
+    let verdict = match processed.quality.reason() {
+        None => "passes".to_owned(),
+        Some(reason) => format!("POOR, would be captured again: {reason}"),
+    };
+    let mut lines = vec![format!(
+        "quality: sharpness {:.1} (min {}), mean luma {:.0} ({}-{}), crushed to black {:.1} % (max {:.1} %), \
+         blown out {:.1} % (max {:.1} %), glare {:.1} % (max {:.1} %): {verdict}",
+        s.sharpness,
+        t.min_sharpness,
+        s.mean_luma,
+        t.min_mean_luma,
+        t.max_mean_luma,
+        s.dark_clipped * 100.0,
+        t.max_dark_clipped * 100.0,
+        s.bright_clipped * 100.0,
+        t.max_bright_clipped * 100.0,
+        s.glare * 100.0,
+        t.max_glare * 100.0,
+    )];
+    for (i, mask) in rules.masks.iter().enumerate() {
+        lines.push(format!(
+            "mask {} {}{}: {}, {} points, {:.1} % of the picture, outlined in {}",
+            i + 1,
+            mask.name().map(|n| format!("{n:?} ")).unwrap_or_default(),
+            mask.fill().as_str(),
+            if mask.fill() == imaging::Fill::Black { "filled black" } else { "pixelated" },
+            mask.polygon().len(),
+            mask.area() * 100.0,
+            imaging::mask::outline_colour_name(i),
+        ));
+    }
+    let file = preview_dir.join(format!("{}.jpg", camera.id));
+    match write_file(&file, &preview) {
+        Ok(()) => lines.push(format!(
+            "preview: {} ({}x{}, as stored, masks outlined, dotted grid every 0.1)",
+            file.display(),
+            processed.width,
+            processed.height
+        )),
+        Err(e) => lines.push(format!("preview not written to {}: {e}", file.display())),
+    }
+    lines
+}
+
+/// Writes `bytes` to `path` whole or not at all (a page may be serving the old file).
+fn write_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let partial = path.with_extension("jpg.partial");
+    std::fs::write(&partial, bytes)?;
+    std::fs::rename(&partial, path)
 }
 
 fn standin(
