@@ -1,7 +1,10 @@
 //! Trigger-to-durable latency: the time from a trigger to every angle captured, checked,
 //! resized and committed, for 8 cameras × 12 MP, with synthetic cameras (frames ready in the
 //! camera, as a streaming camera has them) and with HTTP snapshot cameras served on loopback.
-//! Also the imaging steps of one frame, to show where the time goes.
+//! Also the imaging steps of one frame, to show where the time goes, with the quality gate's and
+//! the privacy masks' share of the per-frame imaging time (goal for the gate: at most 5 %).
+//! Every camera has the default quality thresholds and two masks (`bay_masks`), one black and
+//! one pixelated, as a bay that hides the next lane and a window would.
 //!
 //! `cargo bench --bench trigger_to_durable` (add `-- --runs N` for more runs).
 
@@ -12,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 use capture_kiosk::capture::testcam::SnapshotServer;
 use capture_kiosk::capture::{render_scene, Camera, HttpCamera, SyntheticCamera};
 use capture_kiosk::clock::SystemClock;
-use capture_kiosk::imaging::{self, ResizeSpec};
+use capture_kiosk::imaging::{self, CameraImaging, Fill, Mask, ResizeSpec};
 use capture_kiosk::inspection::{self, Request, Rig, Settings};
 use capture_kiosk::store::{Caps, Store};
 use capture_kiosk::vehicle::{CaseId, PhotoLabel};
@@ -45,7 +48,7 @@ fn main() {
                     (id, vec![*a], cam)
                 })
                 .collect();
-            let mut rig = Rig::from_cameras(cameras);
+            let mut rig = with_masks(Rig::from_cameras(cameras), &angles, "syn");
             rig.warm_up(&angles);
             one_inspection(&mut rig, &settings, &angles, run)
         })
@@ -75,40 +78,62 @@ fn main() {
                     (id, vec![*a], cam)
                 })
                 .collect();
-            let mut rig = Rig::from_cameras(cameras);
+            let mut rig = with_masks(Rig::from_cameras(cameras), &angles, "ip");
             one_inspection(&mut rig, &settings, &angles, run)
         })
         .collect();
     report("HTTP snapshot cameras on loopback", &http);
 
-    // Where one frame's time goes on the capture path, single-threaded.
+    // Where one frame's time goes on the capture path, single-threaded: each step's median
+    // over `STEP_RUNS` runs.
     let raw = &frames[0];
-    let t = Instant::now();
+    let camera = CameraImaging { masks: bay_masks(), ..CameraImaging::default() };
     let header = imaging::check_complete(raw).expect("complete");
     let (w, h) = imaging::fit(header.width, header.height, settings.resize.max_long_edge);
     let eighths = imaging::decode_scale(header.width, header.height, w, h);
     let decoded = imaging::decode_at(raw, eighths).expect("decode");
-    let decode = t.elapsed();
     let (dw, dh) = decoded.image.dimensions();
-    let t = Instant::now();
     let upright = imaging::orient(decoded.image, decoded.orientation);
     let small = imaging::resize(&upright, w, h).expect("resize");
-    let resize = t.elapsed();
-    let t = Instant::now();
+    let decode = median(|| drop(imaging::decode_at(raw, eighths).expect("decode")));
+    // The frames have no EXIF orientation, so orienting them costs nothing.
+    let resize = median(|| drop(imaging::resize(&upright, w, h).expect("resize")));
+    let gate = median(|| {
+        let masked = imaging::mask::Raster::new(&camera.masks, dw, dh);
+        let scores = imaging::quality::score(&upright, &masked);
+        drop(imaging::quality::judge(scores, &camera.quality))
+    });
+    // Filling masks in again gives the same pixels at the same cost, so one copy serves all runs.
+    let mut masked = small.clone();
+    let masks = median(|| imaging::mask::apply(&mut masked, &camera.masks));
     let jpeg = imaging::encode(&small, settings.resize.jpeg_quality).expect("encode");
-    let encode = t.elapsed();
-    let per_frame = decode + resize + encode;
+    let encode = median(|| drop(imaging::encode(&small, settings.resize.jpeg_quality).expect("encode")));
+    let per_frame = decode + resize + gate + masks + encode;
+    let whole = median(|| drop(imaging::process_for(raw, &settings.resize, &camera).expect("process")));
     println!(
-        "one frame ({} bytes, {}x{}): decode at {eighths}/8 to {dw}x{dh} {:.0} ms, resize to {w}x{h} {:.0} ms, \
-         encode {:.0} ms ({} bytes); total {:.0} ms",
+        "one frame ({} bytes, {}x{}): decode at {eighths}/8 to {dw}x{dh} {:.1} ms, resize to {w}x{h} {:.1} ms, \
+         quality gate {:.2} ms, masks {:.2} ms, encode {:.1} ms ({} bytes); steps {:.1} ms, process_for {:.1} ms \
+         (medians of {STEP_RUNS})",
         raw.len(),
         header.width,
         header.height,
         ms(decode),
         ms(resize),
+        ms(gate),
+        ms(masks),
         ms(encode),
         jpeg.len(),
-        ms(per_frame)
+        ms(per_frame),
+        ms(whole)
+    );
+    let share = |d: Duration| 100.0 * d.as_secs_f64() / per_frame.as_secs_f64();
+    println!(
+        "share of the per-frame imaging time: quality gate {:.1} % (goal at most 5 %), masks {:.1} % ({:.0} % of the \
+         picture black, {:.0} % pixelated)",
+        share(gate),
+        share(masks),
+        camera.masks[0].area() * 100.0,
+        camera.masks[1].area() * 100.0,
     );
     println!(
         "imaging alone for 8 frames on {cpus} CPUs: at least {:.0} ms (8 x {:.0} ms / {cpus}), {:.0} % of the 0.8 s goal",
@@ -116,6 +141,50 @@ fn main() {
         ms(per_frame),
         ms(per_frame) * 8.0 / cpus as f64 / 8.0
     );
+}
+
+/// Runs of each imaging step; the median is reported.
+const STEP_RUNS: usize = 15;
+
+/// The median time of `f` over `STEP_RUNS` runs.
+fn median(mut f: impl FnMut()) -> Duration {
+    let mut times: Vec<Duration> = (0..STEP_RUNS)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed()
+        })
+        .collect();
+    times.sort();
+    times[STEP_RUNS / 2]
+}
+
+/// The masks every benchmark camera has: a black band over the next lane on the right and a
+/// pixelated window at the top left.
+fn bay_masks() -> Vec<Mask> {
+    vec![
+        Mask::new(
+            Some("next lane".to_owned()),
+            vec![[0.8, 0.0], [1.0, 0.0], [1.0, 1.0], [0.75, 1.0]],
+            Fill::Black,
+        )
+        .expect("a valid mask"),
+        Mask::new(
+            Some("window".to_owned()),
+            vec![[0.05, 0.05], [0.3, 0.05], [0.3, 0.3], [0.05, 0.3]],
+            Fill::Pixelate,
+        )
+        .expect("a valid mask"),
+    ]
+}
+
+/// Gives every camera of the rig (ids `{prefix}-{angle}`) the bay's masks.
+fn with_masks(mut rig: Rig, angles: &[PhotoLabel], prefix: &str) -> Rig {
+    for a in angles {
+        let id = format!("{prefix}-{}", a.as_str());
+        rig = rig.with_imaging(&id, CameraImaging { masks: bay_masks(), ..CameraImaging::default() });
+    }
+    rig
 }
 
 fn one_inspection(rig: &mut Rig, settings: &Settings, angles: &[PhotoLabel], run: usize) -> Duration {
@@ -140,6 +209,11 @@ fn one_inspection(rig: &mut Rig, settings: &Settings, angles: &[PhotoLabel], run
     )
     .expect("inspection");
     assert_eq!(outcome.captured.len(), angles.len(), "every angle must be stored: {:?}", outcome.failed);
+    assert!(
+        outcome.poor.is_empty(),
+        "every synthetic frame should pass the quality gate: {:?}",
+        outcome.poor
+    );
     outcome.trigger_to_durable
 }
 

@@ -21,7 +21,8 @@ use crate::imaging;
 use crate::inspection::{self, InspectionError, Progress, Request, Rig, Settings};
 use crate::standin::{StandIn, StandInConfig};
 use crate::store::{
-    InspectionId, InspectionState, InspectionSummary, PrunedRecord, Store, StoreError, UploadState,
+    AngleQuality, InspectionId, InspectionState, InspectionSummary, PrunedRecord, Store, StoreError,
+    UploadState,
 };
 use crate::upload::credentials::load_secret;
 use crate::upload::{drain, Event};
@@ -109,10 +110,15 @@ pub enum Command {
         #[arg(long)]
         history: bool,
     },
-    /// Test every configured camera and list the V4L2 devices the system offers.
+    /// Test every configured camera (a test frame from each, its quality scores, a preview with
+    /// its privacy masks) and list the V4L2 devices the system offers.
     Cameras {
         #[arg(long)]
         config: PathBuf,
+        /// Where the previews go, one `CAMERA.jpg` each (default: `previews/` in the state
+        /// directory).
+        #[arg(long)]
+        preview_dir: Option<PathBuf>,
     },
     /// Serve a strict stand-in of the cloud inspection API on 127.0.0.1, for commissioning a bay
     /// and for tests, without billing real sessions.
@@ -166,7 +172,7 @@ pub fn run(cli: Cli) -> ExitCode {
         }
         Command::Upload { config, max_wait } => upload(&config, max_wait),
         Command::Queue { config, json, history } => queue(&config, json, history),
-        Command::Cameras { config } => cameras(&config),
+        Command::Cameras { config, preview_dir } => cameras(&config, preview_dir),
         Command::Standin { port, username, api_key, api_secret_file, token_ttl, session_ttl } => {
             standin(port, username, api_key, api_secret_file, token_ttl, session_ttl)
         }
@@ -357,6 +363,9 @@ fn inspect(
     for (angle, reason) in &outcome.failed {
         println!("  failed {angle}: {reason}");
     }
+    for (angle, reason) in &outcome.poor {
+        println!("  stored below the quality thresholds {angle}: {reason}");
+    }
     let captured = if outcome.disk_full {
         eprintln!(
             "error: the disk filled up during the capture; the angles above that say so were not stored"
@@ -474,6 +483,7 @@ fn queue(path: &Path, json: bool, history: bool) -> anyhow::Result<u8> {
             uploads: if history { HashMap::new() } else { store.upload_states()? },
             history: if history { store.pruned_history()? } else { Vec::new() },
             recoveries: store.recoveries()?,
+            qualities: if history { HashMap::new() } else { store.image_qualities()? },
         })
     })
     .with_context(|| format!("the buffer in {} cannot be read", config.state_dir.display()))?
@@ -482,7 +492,7 @@ fn queue(path: &Path, json: bool, history: bool) -> anyhow::Result<u8> {
         print_history(&config, &view, json)?;
         return Ok(EXIT_OK);
     }
-    let QueueView { list, totals, uploads, recoveries, .. } = view;
+    let QueueView { list, totals, uploads, recoveries, mut qualities, .. } = view;
     let totals = totals.unwrap_or(crate::store::Totals {
         inspections: 0,
         images: 0,
@@ -500,6 +510,9 @@ fn queue(path: &Path, json: bool, history: bool) -> anyhow::Result<u8> {
                 v["created_at"] = serde_json::json!(crate::clock::rfc3339_seconds(i.created_at));
                 v["upload"] =
                     serde_json::to_value(uploads.get(&i.id).cloned().unwrap_or_default()).unwrap_or_default();
+                // Kept on the bay: the cloud contract has no place for the scores.
+                v["image_quality"] =
+                    serde_json::to_value(qualities.remove(&i.id).unwrap_or_default()).unwrap_or_default();
                 v
             })
             .collect();
@@ -528,7 +541,7 @@ fn queue(path: &Path, json: bool, history: bool) -> anyhow::Result<u8> {
             ByteSize(i.bytes).to_string(),
             short_age(age(now, i.created_at)),
             upload.attempts,
-            note(i, &upload)
+            note(i, &upload, qualities.get(&i.id).map(Vec::as_slice).unwrap_or_default())
         );
     }
     println!(
@@ -549,6 +562,7 @@ struct QueueView {
     uploads: HashMap<InspectionId, UploadState>,
     history: Vec<PrunedRecord>,
     recoveries: Vec<crate::store::RecoveryRecord>,
+    qualities: HashMap<InspectionId, Vec<AngleQuality>>,
 }
 
 /// `queue --history`: what left the buffer, oldest first.
@@ -594,7 +608,7 @@ fn print_history(config: &Config, view: &QueueView, json: bool) -> anyhow::Resul
     Ok(())
 }
 
-fn note(i: &InspectionSummary, upload: &UploadState) -> String {
+fn note(i: &InspectionSummary, upload: &UploadState, qualities: &[AngleQuality]) -> String {
     let mut parts = Vec::new();
     if let Some(r) = &i.reason {
         parts.push(r.clone());
@@ -617,6 +631,11 @@ fn note(i: &InspectionSummary, upload: &UploadState) -> String {
     for (angle, reason) in &i.failed_angles {
         parts.push(format!("{angle} failed: {reason}"));
     }
+    for q in qualities {
+        if let Some(reason) = &q.quality.poor {
+            parts.push(format!("{} poor: {reason}", q.angle));
+        }
+    }
     parts.join("; ")
 }
 
@@ -634,11 +653,12 @@ fn short_age(d: Duration) -> String {
     }
 }
 
-fn cameras(path: &Path) -> anyhow::Result<u8> {
+fn cameras(path: &Path, preview_dir: Option<PathBuf>) -> anyhow::Result<u8> {
     let config = match load(path) {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
+    let preview_dir = preview_dir.unwrap_or_else(|| config.state_dir.join("previews"));
     let clock = SystemClock::new();
     let mut all_ok = true;
     let mut rig = Rig::open(&config).context("a camera cannot be opened")?;
@@ -648,17 +668,21 @@ fn cameras(path: &Path) -> anyhow::Result<u8> {
     for c in &config.cameras {
         let angles: Vec<&str> = c.angles.iter().map(|a| a.as_str()).collect();
         let h = health.iter().find(|h| h.camera == c.id);
+        let mut details = Vec::new();
         let status = match h {
             Some(h) if h.status == capture::health::Status::Online => {
                 // Online: one full frame shows what the camera really delivers.
                 match capture::open(c).and_then(|mut cam| cam.capture(c.angles[0])) {
                     Ok(frame) => match imaging::check_complete(&frame) {
-                        Ok(hd) => format!(
-                            "online, test frame {}x{} ({})",
-                            hd.width,
-                            hd.height,
-                            ByteSize(frame.len() as u64)
-                        ),
+                        Ok(hd) => {
+                            details = test_frame_details(c, &frame, &config.imaging, &preview_dir);
+                            format!(
+                                "online, test frame {}x{} ({})",
+                                hd.width,
+                                hd.height,
+                                ByteSize(frame.len() as u64)
+                            )
+                        }
                         Err(e) => {
                             all_ok = false;
                             format!("online, but its frame is bad: {e}")
@@ -680,6 +704,9 @@ fn cameras(path: &Path) -> anyhow::Result<u8> {
             }
         };
         println!("{:<12} {:<40} [{}] {status}", c.id, c.source.to_string(), angles.join(","));
+        for line in details {
+            println!("{:<12} {line}", "");
+        }
     }
     match capture::list_devices() {
         Ok(devices) if devices.is_empty() => println!("V4L2 devices on this system: none"),
@@ -695,6 +722,75 @@ fn cameras(path: &Path) -> anyhow::Result<u8> {
         Err(e) => println!("V4L2 devices on this system: cannot be listed: {e}"),
     }
     Ok(if all_ok { EXIT_OK } else { EXIT_FAILED })
+}
+
+/// What the `cameras` command says about a camera's test frame: its quality scores against the
+/// camera's thresholds, its masks, and where the preview (the stored image with the masks
+/// outlined and a grid every tenth) was written.
+fn test_frame_details(
+    camera: &config::CameraConfig,
+    frame: &[u8],
+    resize: &imaging::ResizeSpec,
+    preview_dir: &Path,
+) -> Vec<String> {
+    let rules = camera.imaging();
+    let (processed, preview) = match imaging::preview(frame, resize, &rules) {
+        Ok(done) => done,
+        Err(e) => return vec![format!("the test frame cannot be processed: {e}")],
+    };
+    let (s, t) = (processed.quality.scores, rules.quality);
+    let verdict = match processed.quality.reason() {
+        None => "passes".to_owned(),
+        Some(reason) => format!("POOR, would be captured again: {reason}"),
+    };
+    let mut lines = vec![format!(
+        "quality: sharpness {:.1} (min {}), mean luma {:.0} ({}-{}), crushed to black {:.1} % (max {:.1} %), \
+         blown out {:.1} % (max {:.1} %), glare {:.1} % (max {:.1} %): {verdict}",
+        s.sharpness,
+        t.min_sharpness,
+        s.mean_luma,
+        t.min_mean_luma,
+        t.max_mean_luma,
+        s.dark_clipped * 100.0,
+        t.max_dark_clipped * 100.0,
+        s.bright_clipped * 100.0,
+        t.max_bright_clipped * 100.0,
+        s.glare * 100.0,
+        t.max_glare * 100.0,
+    )];
+    for (i, mask) in rules.masks.iter().enumerate() {
+        lines.push(format!(
+            "mask {} {}{}: {}, {} points, {:.1} % of the picture, outlined in {}",
+            i + 1,
+            mask.name().map(|n| format!("{n:?} ")).unwrap_or_default(),
+            mask.fill().as_str(),
+            if mask.fill() == imaging::Fill::Black { "filled black" } else { "pixelated" },
+            mask.polygon().len(),
+            mask.area() * 100.0,
+            imaging::mask::outline_colour_name(i),
+        ));
+    }
+    let file = preview_dir.join(format!("{}.jpg", camera.id));
+    match write_file(&file, &preview) {
+        Ok(()) => lines.push(format!(
+            "preview: {} ({}x{}, as stored, masks outlined, dotted grid every 0.1)",
+            file.display(),
+            processed.width,
+            processed.height
+        )),
+        Err(e) => lines.push(format!("preview not written to {}: {e}", file.display())),
+    }
+    lines
+}
+
+/// Writes `bytes` to `path` whole or not at all (a page may be serving the old file).
+fn write_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let partial = path.with_extension("jpg.partial");
+    std::fs::write(&partial, bytes)?;
+    std::fs::rename(&partial, path)
 }
 
 fn standin(

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::capture::CameraSource;
-use crate::imaging::ResizeSpec;
+use crate::imaging::{CameraImaging, Fill, Mask, QualityThresholds, ResizeSpec};
 use crate::store::Caps;
 use crate::vehicle::PhotoLabel;
 
@@ -141,6 +141,17 @@ pub struct CameraConfig {
     pub credentials_file: Option<PathBuf>,
     /// HTTPS: PEM certificates the camera's certificate must chain to.
     pub ca_file: Option<PathBuf>,
+    /// The quality gate's thresholds for this camera's frames.
+    pub quality: QualityThresholds,
+    /// Privacy masks filled into this camera's images before they are stored.
+    pub masks: Vec<Mask>,
+}
+
+impl CameraConfig {
+    /// What this camera's frames get besides the bay-wide resize.
+    pub fn imaging(&self) -> CameraImaging {
+        CameraImaging { quality: self.quality, masks: self.masks.clone() }
+    }
 }
 
 impl Config {
@@ -444,6 +455,122 @@ struct RawCamera {
     keep_warm: bool,
     credentials_file: Option<PathBuf>,
     ca_file: Option<PathBuf>,
+    #[serde(default)]
+    quality: RawQuality,
+    #[serde(default)]
+    masks: Vec<RawMask>,
+}
+
+/// `[[cameras]] quality = { … }`: any threshold left out keeps its default.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQuality {
+    min_sharpness: Option<f64>,
+    max_dark_clipped: Option<f64>,
+    max_bright_clipped: Option<f64>,
+    min_mean_luma: Option<f64>,
+    max_mean_luma: Option<f64>,
+    max_glare: Option<f64>,
+}
+
+/// `[[cameras]] masks = [{ polygon = [[x, y], …], fill = "black" }]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMask {
+    name: Option<String>,
+    polygon: Vec<Vec<f64>>,
+    #[serde(default = "default_fill")]
+    fill: String,
+}
+
+fn default_fill() -> String {
+    "black".to_owned()
+}
+
+impl RawQuality {
+    /// `at` makes a key of a field name (`cameras[0].quality.min_sharpness`).
+    fn check(&self, at: &dyn Fn(&str) -> String) -> Result<QualityThresholds, Invalid> {
+        let d = QualityThresholds::DEFAULT;
+        let value =
+            |field: &str, v: Option<f64>, default: f64, range: std::ops::RangeInclusive<f64>, fix: &str| {
+                let v = v.unwrap_or(default);
+                if range.contains(&v) {
+                    Ok(v)
+                } else {
+                    Err(invalid(at(&format!("quality.{field}")), format!("{v} is out of range"), fix))
+                }
+            };
+        let share = "use a fraction from 0.0 to 1.0 (0.2 is 20 %)";
+        let luma = "use a mean luma from 0 to 255";
+        let t = QualityThresholds {
+            min_sharpness: value(
+                "min_sharpness",
+                self.min_sharpness,
+                d.min_sharpness,
+                0.0..=1e9,
+                "use 0 (off) or more; capture-kiosk cameras prints each camera's sharpness",
+            )?,
+            max_dark_clipped: value(
+                "max_dark_clipped",
+                self.max_dark_clipped,
+                d.max_dark_clipped,
+                0.0..=1.0,
+                share,
+            )?,
+            max_bright_clipped: value(
+                "max_bright_clipped",
+                self.max_bright_clipped,
+                d.max_bright_clipped,
+                0.0..=1.0,
+                share,
+            )?,
+            min_mean_luma: value("min_mean_luma", self.min_mean_luma, d.min_mean_luma, 0.0..=255.0, luma)?,
+            max_mean_luma: value("max_mean_luma", self.max_mean_luma, d.max_mean_luma, 0.0..=255.0, luma)?,
+            max_glare: value("max_glare", self.max_glare, d.max_glare, 0.0..=1.0, share)?,
+        };
+        if t.min_mean_luma >= t.max_mean_luma {
+            return Err(invalid(
+                at("quality.min_mean_luma"),
+                format!("{} is not below max_mean_luma {}", t.min_mean_luma, t.max_mean_luma),
+                "make min_mean_luma smaller than max_mean_luma",
+            ));
+        }
+        Ok(t)
+    }
+}
+
+impl RawMask {
+    /// Checks mask `index` of camera `camera` (key `key`).
+    fn check(self, camera: &str, index: usize, key: String) -> Result<Mask, Invalid> {
+        let named = match &self.name {
+            Some(name) => format!("mask {} ({name:?}) of camera {camera:?}", index + 1),
+            None => format!("mask {} of camera {camera:?}", index + 1),
+        };
+        let fix = "list 3 or more [x, y] points, x and y from 0.0 to 1.0 as fractions of the upright \
+                   picture's width and height (capture-kiosk cameras writes a preview with a grid every 0.1)";
+        let fill = Fill::parse(&self.fill).ok_or_else(|| {
+            invalid(
+                format!("{key}.fill"),
+                format!("{named}: {:?} is not a fill", self.fill),
+                "use \"black\" or \"pixelate\"",
+            )
+        })?;
+        let mut polygon = Vec::with_capacity(self.polygon.len());
+        for (i, point) in self.polygon.iter().enumerate() {
+            match point.as_slice() {
+                &[x, y] => polygon.push([x, y]),
+                other => {
+                    return Err(invalid(
+                        format!("{key}.polygon"),
+                        format!("{named}: point {} has {} number(s), not 2", i + 1, other.len()),
+                        fix,
+                    ))
+                }
+            }
+        }
+        Mask::new(self.name, polygon, fill)
+            .map_err(|e| invalid(format!("{key}.polygon"), format!("{named} {e}"), fix))
+    }
 }
 
 fn default_angles() -> Vec<String> {
@@ -741,7 +868,14 @@ impl RawConfig {
                     "remove user:password@ from the URL and put them in credentials_file (mode 600)",
                 ));
             }
+            let quality = raw.quality.check(&at)?;
+            let mut masks = Vec::with_capacity(raw.masks.len());
+            for (m, mask) in raw.masks.into_iter().enumerate() {
+                masks.push(mask.check(&raw.id, m, at(&format!("masks[{m}]")))?);
+            }
             cameras.push(CameraConfig {
+                quality,
+                masks,
                 id: raw.id,
                 source,
                 angles: cam_angles,
@@ -1232,6 +1366,74 @@ angles = ["Rear", "Rear_Left", "Rear_Right", "VIN"]
             Some("inspection.bad_frames_to_offline"),
             &["1 to 100"],
         );
+    }
+
+    #[test]
+    fn camera_quality_thresholds_and_masks_are_checked_by_camera_and_mask() {
+        let front = "angles = [\"Front\", \"Front_Left\", \"Front_Right\"]";
+        let with = |keys: &str| GOOD.replacen(front, &format!("{front}\n{keys}"), 1);
+        let c = parse(GOOD, "t").unwrap();
+        assert_eq!(c.cameras[0].quality, QualityThresholds::DEFAULT);
+        assert!(c.cameras[0].masks.is_empty());
+        let c = parse(
+            &with("quality = { min_sharpness = 60, max_glare = 0.02 }\nmasks = [{ name = \"lane\", polygon = [[0.5, 0], [1, 0], [1, 1]] }, { polygon = [[0, 0], [0.2, 0], [0.2, 0.2], [0, 0.2]], fill = \"pixelate\" }]"),
+            "t",
+        )
+        .unwrap();
+        let cam = &c.cameras[0];
+        assert_eq!((cam.quality.min_sharpness, cam.quality.max_glare), (60.0, 0.02));
+        assert_eq!(cam.quality.max_mean_luma, QualityThresholds::DEFAULT.max_mean_luma);
+        assert_eq!(cam.masks.len(), 2);
+        assert_eq!((cam.masks[0].name(), cam.masks[0].fill()), (Some("lane"), Fill::Black));
+        assert_eq!(cam.masks[1].fill(), Fill::Pixelate);
+        assert_eq!(cam.imaging().masks, cam.masks);
+
+        check_refused(
+            &with("masks = [{ polygon = [[0, 0], [1, 0]] }]"),
+            Some("cameras[0].masks[0].polygon"),
+            &["mask 1 of camera \"front\"", "2 point(s)", "3 to 256"],
+        );
+        check_refused(
+            &with("masks = [{ polygon = [[0, 0], [1, 0], [1, 1]] }, { name = \"house\", polygon = [[0, 0], [1.5, 0], [1, 1]] }]"),
+            Some("cameras[0].masks[1].polygon"),
+            &["mask 2 (\"house\") of camera \"front\"", "point 2 [1.5, 0]", "outside the picture", "0.0 to 1.0"],
+        );
+        check_refused(
+            &with("masks = [{ polygon = [[0, 0], [-0.1, 0.5], [1, 1]] }]"),
+            Some("cameras[0].masks[0].polygon"),
+            &["point 2 [-0.1, 0.5]"],
+        );
+        check_refused(
+            &with("masks = [{ polygon = [[0, 0], [0.5, 0.5], [1, 1]] }]"),
+            Some("cameras[0].masks[0].polygon"),
+            &["no area"],
+        );
+        check_refused(
+            &with("masks = [{ polygon = [[0, 0], [0.5, 0.5, 1], [1, 1]] }]"),
+            Some("cameras[0].masks[0].polygon"),
+            &["point 2 has 3 number(s)"],
+        );
+        check_refused(
+            &with("masks = [{ polygon = [[0, 0], [1, 0], [1, 1]], fill = \"blur\" }]"),
+            Some("cameras[0].masks[0].fill"),
+            &["\"blur\" is not a fill", "pixelate"],
+        );
+        check_refused(
+            &with("masks = [{ polygon = [[0, 0], [1, 0], [1, 1]], colour = 1 }]"),
+            None,
+            &["colour"],
+        );
+        check_refused(
+            &with("quality = { max_bright_clipped = 1.5 }"),
+            Some("cameras[0].quality.max_bright_clipped"),
+            &["1.5 is out of range", "0.0 to 1.0"],
+        );
+        check_refused(
+            &with("quality = { min_mean_luma = 200, max_mean_luma = 100 }"),
+            Some("cameras[0].quality.min_mean_luma"),
+            &["not below max_mean_luma"],
+        );
+        check_refused(&with("quality = { sharpness = 1 }"), None, &["unknown field", "sharpness"]);
     }
 
     #[test]

@@ -140,7 +140,7 @@ pub fn run(options: &DemoOptions, say: &mut dyn FnMut(&str)) -> anyhow::Result<D
             b.progress(p, request.case_id.as_str());
         }
         match p {
-            Progress::Captured { angle, camera, source_bytes, bytes, width, height } => say(&format!(
+            Progress::Captured { angle, camera, source_bytes, bytes, width, height, .. } => say(&format!(
                 "  {:<12} {camera:<16} {} -> {width}x{height} {}",
                 angle.as_str(),
                 ByteSize(*source_bytes),

@@ -4,16 +4,21 @@
 //! no clock.
 //!
 //! The steps are separate public functions (`check_complete`, `decode_at`, `orient`,
-//! `check_not_blank`, `fit`, `resize`, `encode`) so each can be measured and replaced on its own;
-//! `process` chains them for the capture path. Decoding and encoding go through libjpeg-turbo
-//! (`libjpeg`), which can decode straight to a fraction of the stored size.
+//! `check_not_blank`, `quality::score`, `fit`, `resize`, `mask::apply`, `encode`) so each can be
+//! measured and replaced on its own; `process_for` chains them for the capture path, with a
+//! camera's quality thresholds and privacy masks (`CameraImaging`). Decoding and encoding go
+//! through libjpeg-turbo (`libjpeg`), which can decode straight to a fraction of the stored size.
 
 mod libjpeg;
+pub mod mask;
+pub mod quality;
 
 use fast_image_resize as fr;
 use image::{DynamicImage, RgbImage};
 
 pub use image::metadata::Orientation;
+pub use mask::{Fill, Mask, MaskError};
+pub use quality::{Quality, QualityScores, QualityThresholds};
 
 /// Frames narrower or shorter than this are refused: no inspection camera makes them.
 pub const MIN_SIDE: u32 = 16;
@@ -55,10 +60,20 @@ pub struct FrameHeader {
     pub height: u32,
 }
 
+/// What one camera's frames get besides the bay-wide `ResizeSpec`: the quality gate's
+/// thresholds and the privacy masks.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct CameraImaging {
+    pub quality: QualityThresholds,
+    /// Filled into every final image of the camera, in this order (pixelated ones first and
+    /// black ones last, so black wins where they overlap).
+    pub masks: Vec<Mask>,
+}
+
 /// A frame ready for the buffer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Processed {
-    /// The final JPEG: upright, resized, no metadata.
+    /// The final JPEG: upright, resized, masked, no metadata.
     pub jpeg: Vec<u8>,
     /// Upright size of the camera's frame (after orientation, before resizing).
     pub source_width: u32,
@@ -66,6 +81,9 @@ pub struct Processed {
     /// Size of the final image.
     pub width: u32,
     pub height: u32,
+    /// The quality gate's scores and verdict. A poor frame is still a good JPEG: whether to
+    /// shoot again is the caller's choice.
+    pub quality: Quality,
 }
 
 /// Decoded pixels of a frame, as stored (not yet upright), with the EXIF orientation that says
@@ -425,10 +443,44 @@ pub fn encode(img: &RgbImage, quality: u8) -> Result<Vec<u8>, FrameError> {
     libjpeg::encode(img, quality).map_err(|reason| FrameError::EncodeFailed { width, height, reason })
 }
 
-/// The capture path: `check_complete`; `decode` at the smallest scale that still covers the
-/// final size (`decode_scale`); `orient`; `check_not_blank`; `fit` and `resize` (only when the
-/// decoded frame is larger than the final size); `encode`.
+/// `process_for` with the default quality thresholds and no masks.
 pub fn process(raw: &[u8], spec: &ResizeSpec) -> Result<Processed, FrameError> {
+    process_for(raw, spec, &CameraImaging::default())
+}
+
+/// The capture path: `check_complete`; `decode` at the smallest scale that still covers the
+/// final size (`decode_scale`); `orient`; `check_not_blank`; the quality gate's `score` on
+/// those same pixels (what the masks cover left out) and `judge`; `fit` and `resize` (only when
+/// the decoded frame is larger than the final size); `mask::apply`; `encode`. The only pixels
+/// ever encoded are masked ones.
+pub fn process_for(raw: &[u8], spec: &ResizeSpec, camera: &CameraImaging) -> Result<Processed, FrameError> {
+    let (image, mut processed) = develop(raw, spec, camera)?;
+    processed.jpeg = encode(&image, spec.jpeg_quality)?;
+    Ok(processed)
+}
+
+/// `process_for`, plus a preview for the installer: the final image (masks filled in, as it
+/// is stored) with a dotted grid every tenth of the width and height and each mask's outline in
+/// its colour (`mask::outline_colour_name`), encoded at `spec.jpeg_quality`.
+pub fn preview(
+    raw: &[u8],
+    spec: &ResizeSpec,
+    camera: &CameraImaging,
+) -> Result<(Processed, Vec<u8>), FrameError> {
+    let (mut image, mut processed) = develop(raw, spec, camera)?;
+    processed.jpeg = encode(&image, spec.jpeg_quality)?;
+    mask::draw_guides(&mut image, &camera.masks);
+    let guides = encode(&image, spec.jpeg_quality)?;
+    Ok((processed, guides))
+}
+
+/// Everything of `process_for` but the encoding: the final, masked pixels, and the rest of
+/// `Processed` (with an empty `jpeg`).
+fn develop(
+    raw: &[u8],
+    spec: &ResizeSpec,
+    camera: &CameraImaging,
+) -> Result<(RgbImage, Processed), FrameError> {
     if !(1..=100).contains(&spec.jpeg_quality) {
         return Err(FrameError::InvalidQuality { quality: spec.jpeg_quality });
     }
@@ -439,18 +491,18 @@ pub fn process(raw: &[u8], spec: &ResizeSpec) -> Result<Processed, FrameError> {
         decode_eighths(raw, decode_scale(header.width, header.height, stored_w, stored_h))?;
     let upright = orient(decoded.image, decoded.orientation);
     check_not_blank(&upright)?;
+    let masked = mask::Raster::new(&camera.masks, upright.width(), upright.height());
+    let quality = quality::judge(quality::score(&upright, &masked), &camera.quality);
     let (source_width, source_height) = if turns_sideways(decoded.orientation) {
         (stored.height, stored.width)
     } else {
         (stored.width, stored.height)
     };
     let (width, height) = fit(source_width, source_height, spec.max_long_edge);
-    let jpeg = if upright.dimensions() == (width, height) {
-        encode(&upright, spec.jpeg_quality)?
-    } else {
-        encode(&resize(&upright, width, height)?, spec.jpeg_quality)?
-    };
-    Ok(Processed { jpeg, source_width, source_height, width, height })
+    let mut image =
+        if upright.dimensions() == (width, height) { upright } else { resize(&upright, width, height)? };
+    mask::apply(&mut image, &camera.masks);
+    Ok((image, Processed { jpeg: Vec::new(), source_width, source_height, width, height, quality }))
 }
 
 /// Whether an EXIF orientation swaps width and height.

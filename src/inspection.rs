@@ -1,7 +1,9 @@
 //! One inspection, from trigger to durable: every camera on a thread of its own, driven through
-//! its angles in order; each frame validated and re-captured when bad, then resized and
-//! committed to the buffer as soon as it is ready. An angle that cannot be captured is marked
-//! failed with its reason while the other angles carry on.
+//! its angles in order; each frame validated and re-captured when bad, judged by the quality
+//! gate and re-captured when poor, then resized, masked and committed to the buffer as soon as
+//! it is ready. An angle whose every capture is poor keeps its best frame, stored with its
+//! scores and the reason. An angle that cannot be captured is marked failed with its reason
+//! while the other angles carry on.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,8 +14,8 @@ use crate::capture::health::{self, Failure, Monitor, Status};
 use crate::capture::{self, Camera, CaptureError};
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::imaging::{self, ResizeSpec};
-use crate::store::{InspectionId, InspectionState, NewImage, NewInspection, Store, StoreError};
+use crate::imaging::{self, CameraImaging, ResizeSpec};
+use crate::store::{ImageQuality, InspectionId, InspectionState, NewImage, NewInspection, Store, StoreError};
 use crate::vehicle::{CaseId, PhotoLabel, Vehicle};
 
 /// The bay's cameras, each with the angles it shoots in order.
@@ -27,6 +29,8 @@ struct Station {
     camera_id: String,
     angles: Vec<PhotoLabel>,
     camera: Box<dyn Camera>,
+    /// The camera's quality thresholds and privacy masks.
+    imaging: CameraImaging,
 }
 
 impl Rig {
@@ -38,6 +42,7 @@ impl Rig {
                 camera_id: c.id.clone(),
                 angles: c.angles.clone(),
                 camera: capture::open(c)?,
+                imaging: c.imaging(),
             });
         }
         let policy = health::Policy {
@@ -53,11 +58,25 @@ impl Rig {
     pub fn from_cameras(cameras: Vec<(String, Vec<PhotoLabel>, Box<dyn Camera>)>) -> Rig {
         let stations: Vec<Station> = cameras
             .into_iter()
-            .map(|(camera_id, angles, camera)| Station { camera_id, angles, camera })
+            .map(|(camera_id, angles, camera)| Station {
+                camera_id,
+                angles,
+                camera,
+                imaging: CameraImaging::default(),
+            })
             .collect();
         let ids: Vec<&str> = stations.iter().map(|s| s.camera_id.as_str()).collect();
         let monitor = Monitor::new(&ids, health::Policy::default());
         Rig { stations, monitor, refuse_when_offline: false }
+    }
+
+    /// Sets a camera's quality thresholds and privacy masks (a rig made by `from_cameras` has the
+    /// default thresholds and no masks). An unknown camera id changes nothing.
+    pub fn with_imaging(mut self, camera_id: &str, imaging: CameraImaging) -> Rig {
+        if let Some(station) = self.stations.iter_mut().find(|s| s.camera_id == camera_id) {
+            station.imaging = imaging;
+        }
+        self
     }
 
     /// Replaces the health policy (a new monitor: earlier subscribers hear nothing more) and
@@ -151,20 +170,21 @@ impl Settings {
 }
 
 /// What happened while an inspection ran, as it happens.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Progress {
     Started {
         inspection_id: InspectionId,
         angles: Vec<PhotoLabel>,
     },
-    /// A frame was refused or missing and the angle is tried again.
+    /// A frame was refused, missing or poor, and the angle is tried again.
     Retrying {
         angle: PhotoLabel,
         camera: String,
         attempt: u32,
         reason: String,
     },
-    /// The angle's image is durable in the buffer.
+    /// The angle's image is durable in the buffer, with its quality scores (and, when every
+    /// capture was poor, the reason, as stored with it).
     Captured {
         angle: PhotoLabel,
         camera: String,
@@ -172,6 +192,7 @@ pub enum Progress {
         bytes: u64,
         width: u32,
         height: u32,
+        quality: ImageQuality,
     },
     /// The angle gave up; the reason is recorded in the buffer.
     Failed {
@@ -188,6 +209,8 @@ pub struct Outcome {
     pub state: InspectionState,
     pub captured: Vec<PhotoLabel>,
     pub failed: Vec<(PhotoLabel, String)>,
+    /// Angles stored below their camera's quality thresholds, with the reason.
+    pub poor: Vec<(PhotoLabel, String)>,
     /// Bytes the cameras delivered for the stored angles.
     pub source_bytes: u64,
     /// Bytes of the stored images.
@@ -273,6 +296,7 @@ pub fn run(
     let (tx, rx) = mpsc::channel::<(Progress, u64)>();
     let mut captured = Vec::new();
     let mut failed = Vec::new();
+    let mut poor = Vec::new();
     let (mut source_bytes, mut stored_bytes) = (0u64, 0u64);
     let disk_full = AtomicBool::new(false);
     let monitor = rig.monitor.clone();
@@ -321,10 +345,13 @@ pub fn run(
         drop(tx);
         for (event, source) in rx {
             match &event {
-                Progress::Captured { angle, bytes, .. } => {
+                Progress::Captured { angle, bytes, quality, .. } => {
                     captured.push(*angle);
                     source_bytes += source;
                     stored_bytes += bytes;
+                    if let Some(reason) = &quality.poor {
+                        poor.push((*angle, reason.clone()));
+                    }
                 }
                 Progress::Failed { angle, reason, .. } => failed.push((*angle, reason.clone())),
                 _ => {}
@@ -349,11 +376,13 @@ pub fn run(
         "Inspection captured"
     );
     captured.sort();
+    poor.sort_by_key(|(angle, _)| *angle);
     Ok(Outcome {
         inspection_id,
         state,
         captured,
         failed,
+        poor,
         source_bytes,
         stored_bytes,
         trigger_to_durable,
@@ -375,10 +404,15 @@ struct Job<'a> {
 }
 
 impl Job<'_> {
-    /// Captures one angle, telling `report` each step with the camera's byte count.
+    /// Captures one angle, telling `report` each step with the camera's byte count. A frame
+    /// below the camera's quality thresholds is shot again while attempts remain; when none
+    /// passes, the least poor one is stored with its reason.
     fn shoot(&self, station: &mut Station, angle: PhotoLabel, report: &dyn Fn((Progress, u64))) {
         let camera = station.camera_id.clone();
         let mut last_reason = String::new();
+        let mut best: Option<Frame> = None;
+        let mut poor_frames = 0u32;
+        let mut buffer_refused = false;
         for attempt in 1..=self.settings.capture_attempts {
             if self.cancel.load(Ordering::SeqCst) {
                 last_reason = "inspection cancelled".to_owned();
@@ -415,7 +449,9 @@ impl Job<'_> {
             let captured_at = self.clock.wall();
             let processed = {
                 let _permit = self.permits.acquire();
-                catch_unwind(AssertUnwindSafe(|| imaging::process(&raw, &self.settings.resize)))
+                catch_unwind(AssertUnwindSafe(|| {
+                    imaging::process_for(&raw, &self.settings.resize, &station.imaging)
+                }))
             };
             let processed = match processed {
                 Ok(Ok(p)) => {
@@ -448,46 +484,34 @@ impl Job<'_> {
                     continue;
                 }
             };
-            let stored = lock(self.store).add_image(
-                self.inspection_id,
-                &NewImage {
-                    angle,
-                    camera: &camera,
-                    captured_at,
-                    source_width: processed.source_width,
-                    source_height: processed.source_height,
-                    source_bytes: raw.len() as u64,
-                    width: processed.width,
-                    height: processed.height,
-                    jpeg: &processed.jpeg,
-                },
-            );
-            match stored {
-                Ok(()) => {
-                    report((
-                        Progress::Captured {
-                            angle,
-                            camera,
-                            source_bytes: raw.len() as u64,
-                            bytes: processed.jpeg.len() as u64,
-                            width: processed.width,
-                            height: processed.height,
-                        },
-                        raw.len() as u64,
-                    ));
-                    return;
+            let frame = Frame { processed, captured_at, source_bytes: raw.len() as u64 };
+            drop(raw);
+            if frame.processed.quality.passes() {
+                match self.store(&camera, angle, &frame, None, report) {
+                    Ok(()) => return,
+                    Err(e) => {
+                        last_reason = e;
+                        buffer_refused = true;
+                        break;
+                    }
                 }
-                Err(e) => {
-                    // The buffer is full or failing: another frame will not fit better.
-                    last_reason = if matches!(e, StoreError::Full { .. } | StoreError::DiskFull { .. }) {
-                        self.disk_full.store(true, Ordering::SeqCst);
-                        format!("not stored: the disk was full ({e})")
-                    } else {
-                        format!("not stored: {e}")
-                    };
-                    log::error!(inspection_id = self.inspection_id.0, angle = angle.as_str(); "Image not stored: {e}");
-                    break;
-                }
+            }
+            poor_frames += 1;
+            let why = frame.processed.quality.reason().unwrap_or_default();
+            last_reason = format!("poor frame from camera {camera}: {why}");
+            log::info!(inspection_id = self.inspection_id.0, camera = camera.as_str(), angle = angle.as_str(), attempt = attempt; "Frame below the quality thresholds: {why}");
+            let shortfall = frame.processed.quality.shortfall();
+            if best.as_ref().is_none_or(|b| shortfall < b.processed.quality.shortfall()) {
+                best = Some(frame);
+            }
+        }
+        if let (Some(frame), false) = (best, buffer_refused) {
+            let why = frame.processed.quality.reason().unwrap_or_default();
+            let reason = format!("{why}; the best of {poor_frames} capture(s), none passed the quality gate");
+            log::warn!(inspection_id = self.inspection_id.0, camera = camera.as_str(), angle = angle.as_str(); "Image stored below the quality thresholds: {reason}");
+            match self.store(&camera, angle, &frame, Some(reason), report) {
+                Ok(()) => return,
+                Err(e) => last_reason = e,
             }
         }
         if let Err(e) =
@@ -498,6 +522,69 @@ impl Job<'_> {
         log::warn!(inspection_id = self.inspection_id.0, camera = camera.as_str(), angle = angle.as_str(); "Angle failed: {last_reason}");
         report((Progress::Failed { angle, camera, reason: last_reason }, 0));
     }
+
+    /// Commits a frame with its scores (and `poor`, the reason when it is below the
+    /// thresholds) and reports it; on a refusal, says why.
+    fn store(
+        &self,
+        camera: &str,
+        angle: PhotoLabel,
+        frame: &Frame,
+        poor: Option<String>,
+        report: &dyn Fn((Progress, u64)),
+    ) -> Result<(), String> {
+        let p = &frame.processed;
+        let quality = ImageQuality { scores: p.quality.scores, poor };
+        let stored = lock(self.store).add_image_with_quality(
+            self.inspection_id,
+            &NewImage {
+                angle,
+                camera,
+                captured_at: frame.captured_at,
+                source_width: p.source_width,
+                source_height: p.source_height,
+                source_bytes: frame.source_bytes,
+                width: p.width,
+                height: p.height,
+                jpeg: &p.jpeg,
+            },
+            &quality,
+        );
+        match stored {
+            Ok(()) => {
+                report((
+                    Progress::Captured {
+                        angle,
+                        camera: camera.to_owned(),
+                        source_bytes: frame.source_bytes,
+                        bytes: p.jpeg.len() as u64,
+                        width: p.width,
+                        height: p.height,
+                        quality,
+                    },
+                    frame.source_bytes,
+                ));
+                Ok(())
+            }
+            Err(e) => {
+                // The buffer is full or failing: another frame will not fit better.
+                log::error!(inspection_id = self.inspection_id.0, angle = angle.as_str(); "Image not stored: {e}");
+                if matches!(e, StoreError::Full { .. } | StoreError::DiskFull { .. }) {
+                    self.disk_full.store(true, Ordering::SeqCst);
+                    Err(format!("not stored: the disk was full ({e})"))
+                } else {
+                    Err(format!("not stored: {e}"))
+                }
+            }
+        }
+    }
+}
+
+/// A processed frame waiting to be stored.
+struct Frame {
+    processed: imaging::Processed,
+    captured_at: std::time::SystemTime,
+    source_bytes: u64,
 }
 
 fn lock(store: &Mutex<Store>) -> MutexGuard<'_, Store> {

@@ -58,13 +58,9 @@ angles = ["Front", "Rear", "Left"]
 [imaging]
 max_long_edge = 640
 [[cameras]]
-id = "front"
+id = "all-round"
 source = "dir:{photos}"
-angles = ["Front"]
-[[cameras]]
-id = "back"
-source = "dir:{photos}"
-angles = ["Rear", "Left"]
+angles = ["Front", "Rear", "Left"]
 "#,
             state = dir.join("state").display(),
             photos = photos.display()
@@ -309,13 +305,9 @@ jpeg_quality = 100
 [buffer]
 min_free_disk = "0"
 [[cameras]]
-id = "front"
+id = "all-round"
 source = "dir:{photos}"
-angles = ["Front"]
-[[cameras]]
-id = "back"
-source = "dir:{photos}"
-angles = ["Rear", "Left"]
+angles = ["Front", "Rear", "Left"]
 "#,
             state = state.display(),
             photos = photos.display()
@@ -332,7 +324,8 @@ angles = ["Rear", "Left"]
     let out = inspect("CASE-1", &[]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
 
-    // The disk fills during a capture: room for the estimate, not for the real images.
+    // The disk fills during a capture: room for the estimate, not for the real images. One
+    // camera shoots the angles in order, so the first image is the one that still fits.
     let estimate = 1920 * 1920 * 3 / 4 * 3 / 10;
     fs.fill("filler", 3 * estimate + (256 << 10));
     let out = inspect("CASE-2", &[]);

@@ -419,6 +419,16 @@ fn status_state_events_and_every_command_answered() {
         .filter(|(t, p, _)| t.ends_with("/events") && String::from_utf8_lossy(p).contains("angle_captured"))
         .count();
     assert_eq!(angle_events, 4, "{:#?}", w.summary());
+    // Each carries the image's quality scores (kept on the bay; the cloud has no field for them).
+    for (_, payload, _) in w
+        .seen
+        .iter()
+        .filter(|(t, p, _)| t.ends_with("/events") && String::from_utf8_lossy(p).contains("angle_captured"))
+    {
+        let event: Value = serde_json::from_slice(payload).unwrap();
+        assert!(event["quality"]["sharpness"].as_f64().is_some(), "{event}");
+        assert!(event["quality"].get("poor").is_some(), "{event}");
+    }
     let after = w.wait_json("state", |v| v["stage"] == "idle" && v["buffer"]["inspections"] == 1);
     assert_eq!(after["buffer"]["images"], 4);
     assert!(after["seq"].as_u64() > idle["seq"].as_u64());

@@ -279,7 +279,13 @@ fn damaged_buffer_is_salvaged_delivered_and_reported(how: Damage) -> (Held, Held
         drop(lock);
     }
 
-    // The first command that owns the buffer salvages it.
+    // `queue` only reads: it may report the damage, but it salvages and moves nothing.
+    let out = bay.run(&["queue", "--json"]);
+    assert!(bay.kept_aside().is_empty(), "{how:?}: queue moved the file: {}", text(&out));
+    assert_eq!(std::fs::read(bay.buffer()).unwrap(), damaged, "{how:?}: queue changed the file");
+
+    // The kiosk's next start (the owner's open) salvages it.
+    drop(Store::open(&bay.state, CAPS, SystemTime::now()).unwrap());
     let out = bay.run(&["queue", "--json"]);
     assert!(out.status.success(), "{how:?}: {}", text(&out));
     let queue: Value = serde_json::from_slice(&out.stdout).expect("queue --json prints JSON");

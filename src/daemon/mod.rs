@@ -619,13 +619,14 @@ impl Supervisor {
                 let angles: Vec<&str> = angles.iter().map(|a| a.as_str()).collect();
                 self.emit(json!({"type": "inspection_started", "inspection_id": inspection_id, "case_id": case_id, "angles": angles}));
             }
-            Progress::Captured { angle, camera, bytes, width, height, .. } => {
+            Progress::Captured { angle, camera, bytes, width, height, quality, .. } => {
                 if let Some(r) = &mut self.running {
                     r.done += 1;
                 }
                 self.cameras.insert(camera.clone(), "online");
                 self.emit(json!({"type": "angle_captured", "inspection_id": inspection_id, "case_id": case_id,
-                    "angle": angle.as_str(), "camera": camera, "bytes": bytes, "width": width, "height": height}));
+                    "angle": angle.as_str(), "camera": camera, "bytes": bytes, "width": width, "height": height,
+                    "quality": quality}));
             }
             Progress::Failed { angle, camera, reason } => {
                 if let Some(r) = &mut self.running {

@@ -70,7 +70,8 @@
 //! `recoveries` (`id`, `at`, `moved_to`, `damage`, `report` JSON, `acknowledged_at`): the
 //! reports of salvages from a damaged file, kept until an operator acknowledges them
 //! (`store/salvage.rs`). Version 5
-//! adds the counters, the queue order and the audit trail below.
+//! adds the counters, the queue order and the audit trail below. Version 6 adds the quality
+//! gate's scores to `images` (`store/quality.rs`).
 //!
 //! ## Upload state (schema version 2)
 //!
@@ -220,6 +221,7 @@ mod error;
 mod handle;
 mod lifecycle;
 mod prune;
+mod quality;
 mod salvage;
 mod schema;
 mod space;
@@ -243,6 +245,7 @@ pub use caps::Refusal;
 pub use error::StoreError;
 pub use lifecycle::{Exit, INTERRUPTED_REASON};
 pub use prune::{images_digest, PruneRule, PrunedRecord, PRUNED_HISTORY, PRUNE_BATCH};
+pub use quality::{AngleQuality, ImageQuality};
 pub use salvage::{
     acknowledge_recoveries, check_buffer, BufferCheck, LostAngle, LostInspection, RecoveryRecord,
     SalvageReport,
@@ -626,6 +629,16 @@ impl Store {
     /// space the buffer may use below `min_free_disk` (after pruning completed inspections
     /// early, if that helps). A refusal writes nothing.
     pub fn add_image(&mut self, id: InspectionId, image: &NewImage<'_>) -> Result<(), StoreError> {
+        self.insert_image(id, image, None)
+    }
+
+    /// `add_image`, with the image's quality scores in the same transaction when given.
+    fn insert_image(
+        &mut self,
+        id: InspectionId,
+        image: &NewImage<'_>,
+        quality: Option<&ImageQuality>,
+    ) -> Result<(), StoreError> {
         let bytes = image.jpeg.len() as u64;
         if let Err(refusal) = self.make_room(bytes, prune::Need::Image)? {
             log::warn!(inspection_id = id.0, angle = image.angle.as_str(), refusal:% = refusal; "Image refused: the disk is full");
@@ -635,18 +648,23 @@ impl Store {
                 refusal,
             });
         }
-        match self.add_image_once(id, image) {
+        match self.add_image_once(id, image, quality) {
             // The image passes through the WAL before it lands in the file's free pages: when
             // the disk has no room for that, the free pages go back to the file system first.
             Err(StoreError::DiskFull { .. }) if self.free_pages()? > 0 => {
                 self.give_space_back();
-                self.add_image_once(id, image)
+                self.add_image_once(id, image, quality)
             }
             other => other,
         }
     }
 
-    fn add_image_once(&mut self, id: InspectionId, image: &NewImage<'_>) -> Result<(), StoreError> {
+    fn add_image_once(
+        &mut self,
+        id: InspectionId,
+        image: &NewImage<'_>,
+        quality: Option<&ImageQuality>,
+    ) -> Result<(), StoreError> {
         let bytes = image.jpeg.len() as u64;
         let sha256 = hex::encode(Sha256::digest(image.jpeg));
         let path = self.path.clone();
@@ -677,6 +695,9 @@ impl Store {
             ],
         )
         .map_err(err)?;
+        if let Some(quality) = quality {
+            quality::write(&tx, id, image.angle, quality).map_err(err)?;
+        }
         // The angle is captured now, so it is no longer failed.
         tx.execute(
             "DELETE FROM angle_failures WHERE inspection_id = ?1 AND angle = ?2",

@@ -10,7 +10,7 @@ use super::error::sqlite_error;
 use super::StoreError;
 
 /// The schema version this build writes and understands (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: u32 = 5;
+pub const SCHEMA_VERSION: u32 = 6;
 
 /// How long a statement waits for another connection's lock before failing with `Locked`.
 pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -185,6 +185,7 @@ const MIGRATIONS: &[Migration] = &[
         ) STRICT;
     ",
     },
+    Migration { to: 6, sql: super::quality::QUALITY_COLUMNS },
 ];
 
 /// The reports of salvages from a damaged buffer file (`store/salvage.rs`): when, where the
