@@ -389,12 +389,15 @@ impl Store {
             log::info!(path:% = path.display(); "Buffer is held by another process; recovery skipped");
         }
 
+        // The companion files as found, to keep a damaged file's as they were.
+        let mut found = salvage::Companions::default();
         if owner {
             salvage::finish_interrupted(&path)?;
+            found = salvage::Companions::read(&path);
         }
-        let opened = match schema::open(&path, owner).and_then(|o| salvage::refuse_flagged(&path, owner, o)) {
+        let opened = match salvage::refuse_flagged(&path, owner).and_then(|()| schema::open(&path, owner)) {
             Err(StoreError::Corrupt { detail, .. }) if owner => {
-                recovery.moved_aside = Some(salvage::replace_damaged(&path, &detail, now)?);
+                recovery.moved_aside = Some(salvage::replace_damaged(&path, &detail, now, found)?);
                 schema::open(&path, owner)?
             }
             other => other?,
