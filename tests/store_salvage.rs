@@ -25,6 +25,15 @@ use support::{cloud_toml, secret_file, CAPS};
 
 const CASES: [&str; 3] = ["SALV-A", "SALV-B", "SALV-C"];
 
+/// The tests of this file run one at a time. They hand the buffer's lock from this process to
+/// a child and back, and a child spawned by another test thread inherits every descriptor this
+/// process has open until it execs: for that moment it would hold a lock this test just let go.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn testdata() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/testdata");
     assert!(dir.is_dir(), "the real photos are missing: expected them in {}", dir.display());
@@ -394,6 +403,7 @@ fn damaged_buffer_is_salvaged_delivered_and_reported(how: Damage) -> (Held, Held
 
 #[test]
 fn four_kib_overwritten_in_the_middle_loses_only_the_damaged_image() {
+    let _serial = one_at_a_time();
     let (held, delivered, report) =
         damaged_buffer_is_salvaged_delivered_and_reported(Damage::MiddleOverwritten);
     let lost = held.len() - delivered.len();
@@ -410,6 +420,7 @@ fn four_kib_overwritten_in_the_middle_loses_only_the_damaged_image() {
 
 #[test]
 fn a_file_cut_to_half_delivers_the_half_that_is_left() {
+    let _serial = one_at_a_time();
     let (held, delivered, report) =
         damaged_buffer_is_salvaged_delivered_and_reported(Damage::TruncatedToHalf);
     assert!(
@@ -422,6 +433,7 @@ fn a_file_cut_to_half_delivers_the_half_that_is_left() {
 
 #[test]
 fn a_destroyed_first_page_is_rebuilt_and_everything_behind_it_delivered() {
+    let _serial = one_at_a_time();
     let (held, delivered, report) =
         damaged_buffer_is_salvaged_delivered_and_reported(Damage::FirstPageDestroyed);
     assert_eq!(delivered, held, "every image lies behind the first page: {report:#}");
@@ -431,6 +443,7 @@ fn a_destroyed_first_page_is_rebuilt_and_everything_behind_it_delivered() {
 
 #[test]
 fn an_image_whose_bytes_no_longer_match_is_reported_lost_and_never_uploaded() {
+    let _serial = one_at_a_time();
     let (held, delivered, report) =
         damaged_buffer_is_salvaged_delivered_and_reported(Damage::OneImageGarbled);
     let mut expected = held.clone();
@@ -446,6 +459,7 @@ fn an_image_whose_bytes_no_longer_match_is_reported_lost_and_never_uploaded() {
 
 #[test]
 fn a_damaged_buffer_without_a_cloud_is_kept_whole_when_only_its_header_is_garbled() {
+    let _serial = one_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let (held, _) = build_buffer(dir.path());
     let path = dir.path().join(store::FILE_NAME);
@@ -476,6 +490,7 @@ fn a_damaged_buffer_without_a_cloud_is_kept_whole_when_only_its_header_is_garble
 
 #[test]
 fn a_damaged_file_is_kept_with_its_log_as_found_and_what_only_the_log_held_is_salvaged() {
+    let _serial = one_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let live = dir.path().join("live");
     build_buffer(&live);
@@ -562,6 +577,7 @@ impl Drop for Broker {
 
 #[test]
 fn the_daemon_announces_a_salvage_and_stays_in_alert_until_it_is_acknowledged() {
+    let _serial = one_at_a_time();
     use capture_kiosk::daemon::{self, CaptureOnly, Deps, Hooks, Notifier, Signal};
     use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 
