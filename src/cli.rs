@@ -254,7 +254,7 @@ fn recovery_banner(records: &[crate::store::RecoveryRecord], config: &Path) -> S
         }
         if r.report.images_unaccounted > 0 {
             out.push_str(&format!(
-                "!!!   lost: {} image(s) of no readable inspection\n",
+                "!!!   lost: {} image(s) not tied to any inspection listed\n",
                 r.report.images_unaccounted
             ));
         }

@@ -3,6 +3,17 @@
 //! was recovered and what was lost stays in the buffer (`recoveries`, schema version 4) until
 //! an operator acknowledges it.
 //!
+//! # Finding damage
+//!
+//! The owner's open runs `PRAGMA quick_check` (see [`super`]). Damage only a hash can see (an
+//! image's bytes changed on a sound page) is found by `capture-kiosk check`, which re-hashes
+//! every image ([`check_buffer`]), and by [`super::Store::image_jpeg`] at each read; either
+//! leaves a note, `buffer.sqlite3.damaged`, and the owner's next open salvages the buffer.
+//! The open that finds damage changes nothing: it does not checkpoint the log into the file on
+//! close, and puts back the `-shm` it touched and removes the empty `-wal` it made
+//! ([`Companions`]). `check` takes no lock and writes nothing to the buffer: it reads it
+//! read-only, as an immutable file when no `-wal` or `-shm` shows that someone has it open.
+//!
 //! # Reading a damaged file
 //!
 //! The damaged file is never opened for writing. It is read through a scratch directory
@@ -18,7 +29,7 @@
 //! build. Migrations only ever add tables, and with incremental auto-vacuum the root pages are
 //! the first pages of the file in the order the tables were created, so a fresh buffer's table
 //! directory points at the same pages. Whatever is read that way goes through the same checks
-//! as anything else, so a wrong guess loses rows, never invents them.
+//! as anything else, so a wrong guess loses rows rather than inventing them.
 //!
 //! Every row is read on its own, by rowid: a table is scanned in rowid order until a damaged
 //! page stops the scan, then the scan resumes past it (found by jumping ahead, doubling the
@@ -40,8 +51,10 @@
 //!
 //! An angle whose image was found but could not be read or no longer matches its hash, or (when
 //! the `images` table was damaged) a requested angle with neither image nor failure, is lost: the
-//! report names it and the new buffer records it as the angle's failure, so `queue` and the
-//! cloud see it. Inspections the cloud already completed are copied but never reported as loss.
+//! report names it and the new buffer records it as the angle's failure, so `queue` shows it.
+//! Text that reads with zeros or control characters in it (a page cut short) is not trusted:
+//! such a session name is dropped and the inspection goes to a new session. Inspections the
+//! cloud already completed are copied but never reported as loss.
 //!
 //! # Crash safety
 //!
@@ -154,7 +167,7 @@ impl RecoveryRecord {
             lost.push(format!("{} inspection(s) whose case id is unreadable", r.lost_without_case_id));
         }
         if r.images_unaccounted > 0 {
-            lost.push(format!("{} image(s) of no readable inspection", r.images_unaccounted));
+            lost.push(format!("{} image(s) not tied to any inspection listed", r.images_unaccounted));
         }
         if r.more_may_be_lost {
             lost.push("possibly more: part of the inspections table is unreadable".to_owned());
