@@ -184,6 +184,25 @@ impl RecoveryRecord {
         )
     }
 
+    /// One line each: what was lost, the notes, the damage and where the file is kept.
+    pub fn details(&self) -> Vec<String> {
+        let r = &self.report;
+        let mut out: Vec<String> = r.lost.iter().map(|l| format!("lost: {}", l.describe())).collect();
+        if r.lost_without_case_id > 0 {
+            out.push(format!("lost: {} inspection(s) whose case id is unreadable", r.lost_without_case_id));
+        }
+        if r.images_unaccounted > 0 {
+            out.push(format!("lost: {} image(s) not tied to any inspection listed", r.images_unaccounted));
+        }
+        if r.more_may_be_lost {
+            out.push("more may be lost: part of the inspections table is unreadable".to_owned());
+        }
+        out.extend(r.notes.iter().map(|n| format!("note: {n}")));
+        out.push(format!("damage: {}", self.damage_in_short()));
+        out.push(format!("the damaged file is kept, untouched, at {}", self.moved_to.display()));
+        out
+    }
+
     /// The first of SQLite's complaints, on one line.
     pub fn damage_in_short(&self) -> String {
         let mut lines =
@@ -341,7 +360,7 @@ pub(crate) fn flagged_damage(path: &Path) -> Option<String> {
 pub(crate) fn refuse_flagged(path: &Path, owner: bool) -> Result<(), StoreError> {
     match flagged_damage(path) {
         Some(detail) if owner && disk::exists(path) => {
-            Err(StoreError::Corrupt { path: path.to_owned(), detail: format!("found earlier: {detail}") })
+            Err(StoreError::Corrupt { path: path.to_owned(), detail: format!("noted earlier: {detail}") })
         }
         _ => Ok(()),
     }
