@@ -255,29 +255,9 @@ fn recovery_banner(records: &[crate::store::RecoveryRecord], config: &Path) -> S
             r.report.inspections_recovered,
             r.report.images_recovered
         ));
-        for lost in &r.report.lost {
-            out.push_str(&format!("!!!   lost: {}\n", lost.describe()));
+        for line in r.details() {
+            out.push_str(&format!("!!!   {line}\n"));
         }
-        if r.report.lost_without_case_id > 0 {
-            out.push_str(&format!(
-                "!!!   lost: {} inspection(s) whose case id is unreadable\n",
-                r.report.lost_without_case_id
-            ));
-        }
-        if r.report.images_unaccounted > 0 {
-            out.push_str(&format!(
-                "!!!   lost: {} image(s) of no readable inspection\n",
-                r.report.images_unaccounted
-            ));
-        }
-        if r.report.more_may_be_lost {
-            out.push_str("!!!   more may be lost: part of the inspections table is unreadable\n");
-        }
-        for note in &r.report.notes {
-            out.push_str(&format!("!!!   note: {note}\n"));
-        }
-        out.push_str(&format!("!!!   damage: {}\n", r.damage));
-        out.push_str(&format!("!!!   the damaged file is kept, untouched, at {}\n", r.moved_to.display()));
     }
     out.push_str(&format!(
         "!!! once the lost evidence is accounted for: capture-kiosk check --config {} --ack-recovery\n",

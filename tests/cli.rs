@@ -366,8 +366,9 @@ angles = ["Front", "Rear", "Left"]
     };
     assert_eq!(received("CASE-1").len(), 3);
 
-    // The next car is accepted: the oldest delivered inspection gives its space and the file
-    // shrinks (its pages went back to the file system).
+    // The next car is accepted on a disk with less room than its image: the oldest delivered
+    // inspection gives its space and the file shrinks (its pages went back to the file system).
+    fs.fill("filler", 512 << 10);
     let size_before = std::fs::metadata(state.join("buffer.sqlite3")).unwrap().len();
     let out = inspect("CASE-4", &["--angles", "Front"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));

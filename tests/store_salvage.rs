@@ -25,6 +25,15 @@ use support::{cloud_toml, secret_file, CAPS};
 
 const CASES: [&str; 3] = ["SALV-A", "SALV-B", "SALV-C"];
 
+/// The tests of this file run one at a time. They hand the buffer's lock from this process to
+/// a child and back, and a child spawned by another test thread inherits every descriptor this
+/// process has open until it execs: for that moment it would hold a lock this test just let go.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn testdata() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/testdata");
     assert!(dir.is_dir(), "the real photos are missing: expected them in {}", dir.display());
@@ -269,13 +278,22 @@ fn damaged_buffer_is_salvaged_delivered_and_reported(how: Damage) -> (Held, Held
     let plain = readable_by_rowid(&damaged);
 
     // `check` sees the damage, and moves nothing even when nobody holds the buffer, nor while a
-    // daemon does.
+    // daemon does; it adds nothing next to it but the note asking the next start to salvage.
+    let names = |dir: &Path| -> BTreeSet<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.ends_with(".lock") && !n.ends_with(".damaged"))
+            .collect()
+    };
+    let before = names(&bay.state);
     for lock in [None, Some(hold_lock(&bay.buffer()))] {
         let out = bay.run(&["check"]);
         assert_eq!(out.status.code(), Some(1), "{how:?}: check must fail on damage: {}", text(&out));
         assert!(text(&out).contains("is damaged"), "{how:?}: {}", text(&out));
         assert_eq!(std::fs::read(bay.buffer()).unwrap(), damaged, "{how:?}: check changed the file");
         assert!(bay.kept_aside().is_empty(), "{how:?}: check moved the file");
+        assert_eq!(names(&bay.state), before, "{how:?}: check made files next to the buffer");
         drop(lock);
     }
 
@@ -391,6 +409,7 @@ fn damaged_buffer_is_salvaged_delivered_and_reported(how: Damage) -> (Held, Held
 
 #[test]
 fn four_kib_overwritten_in_the_middle_loses_only_the_damaged_image() {
+    let _serial = one_at_a_time();
     let (held, delivered, report) =
         damaged_buffer_is_salvaged_delivered_and_reported(Damage::MiddleOverwritten);
     let lost = held.len() - delivered.len();
@@ -407,6 +426,7 @@ fn four_kib_overwritten_in_the_middle_loses_only_the_damaged_image() {
 
 #[test]
 fn a_file_cut_to_half_delivers_the_half_that_is_left() {
+    let _serial = one_at_a_time();
     let (held, delivered, report) =
         damaged_buffer_is_salvaged_delivered_and_reported(Damage::TruncatedToHalf);
     assert!(
@@ -419,6 +439,7 @@ fn a_file_cut_to_half_delivers_the_half_that_is_left() {
 
 #[test]
 fn a_destroyed_first_page_is_rebuilt_and_everything_behind_it_delivered() {
+    let _serial = one_at_a_time();
     let (held, delivered, report) =
         damaged_buffer_is_salvaged_delivered_and_reported(Damage::FirstPageDestroyed);
     assert_eq!(delivered, held, "every image lies behind the first page: {report:#}");
@@ -428,6 +449,7 @@ fn a_destroyed_first_page_is_rebuilt_and_everything_behind_it_delivered() {
 
 #[test]
 fn an_image_whose_bytes_no_longer_match_is_reported_lost_and_never_uploaded() {
+    let _serial = one_at_a_time();
     let (held, delivered, report) =
         damaged_buffer_is_salvaged_delivered_and_reported(Damage::OneImageGarbled);
     let mut expected = held.clone();
@@ -443,6 +465,7 @@ fn an_image_whose_bytes_no_longer_match_is_reported_lost_and_never_uploaded() {
 
 #[test]
 fn a_damaged_buffer_without_a_cloud_is_kept_whole_when_only_its_header_is_garbled() {
+    let _serial = one_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let (held, _) = build_buffer(dir.path());
     let path = dir.path().join(store::FILE_NAME);
@@ -469,6 +492,51 @@ fn a_damaged_buffer_without_a_cloud_is_kept_whole_when_only_its_header_is_garble
     }
     assert_eq!(found, 24);
     assert_eq!(store.check_integrity().unwrap(), Vec::<String>::new());
+}
+
+#[test]
+fn a_damaged_file_is_kept_with_its_log_as_found_and_what_only_the_log_held_is_salvaged() {
+    let _serial = one_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let live = dir.path().join("live");
+    build_buffer(&live);
+    // A fourth inspection is committed to the log, and the power goes: the files are taken as
+    // they are while the store is still open, so nothing is checkpointed into the database.
+    let snapshot = dir.path().join("state");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    let logged: Vec<(PhotoLabel, String)>;
+    {
+        let mut store = Store::open(&live, CAPS, SystemTime::now()).unwrap();
+        let labels = [PhotoLabel::Front, PhotoLabel::Rear];
+        let id = support::captured(&mut store, "SALV-LOG", &labels, 20, SystemTime::now());
+        logged = store.images(id).unwrap().into_iter().map(|m| (m.angle, m.sha256)).collect();
+        for suffix in ["", "-wal", "-shm"] {
+            let name = format!("{}{suffix}", store::FILE_NAME);
+            std::fs::copy(live.join(&name), snapshot.join(&name)).unwrap();
+        }
+    }
+    let path = snapshot.join(store::FILE_NAME);
+    let wal = std::fs::read(format!("{}-wal", path.display())).unwrap();
+    let shm = std::fs::read(format!("{}-shm", path.display())).unwrap();
+    assert!(wal.len() > 40_000, "the fourth inspection is in the log");
+    let damaged = damage(&path, Damage::MiddleOverwritten);
+
+    let store = Store::open(&snapshot, CAPS, SystemTime::now()).unwrap();
+    let moved = store.recovery().moved_aside.clone().expect("the damaged file was moved aside");
+    assert_eq!(std::fs::read(&moved).unwrap(), damaged, "the database as found");
+    assert_eq!(std::fs::read(format!("{}-wal", moved.display())).unwrap(), wal, "its log as found");
+    assert_eq!(std::fs::read(format!("{}-shm", moved.display())).unwrap(), shm, "its index as found");
+    let fourth = store.list().unwrap().into_iter().find(|i| i.case_id == "SALV-LOG").expect("salvaged");
+    let salvaged: Vec<(PhotoLabel, String)> =
+        store.images(fourth.id).unwrap().into_iter().map(|m| (m.angle, m.sha256)).collect();
+    assert_eq!(salvaged, logged, "what only the log held is salvaged");
+
+    // `check` reads the buffer while its owner has it open, through its log.
+    let check = store::check_buffer(&snapshot).unwrap();
+    assert_eq!(check.problems, Vec::<String>::new());
+    assert_eq!(check.images_checked, store.totals().unwrap().images);
+    assert_eq!(check.unacknowledged.len(), 1);
+    drop(store);
 }
 
 // ---- the daemon ---------------------------------------------------------------------------
@@ -515,6 +583,7 @@ impl Drop for Broker {
 
 #[test]
 fn the_daemon_announces_a_salvage_and_stays_in_alert_until_it_is_acknowledged() {
+    let _serial = one_at_a_time();
     use capture_kiosk::daemon::{self, CaptureOnly, Deps, Hooks, Notifier, Signal};
     use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 

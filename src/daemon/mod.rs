@@ -928,7 +928,9 @@ impl Supervisor {
     fn shut_down(&mut self, inbox: &Receiver<Event>) {
         log::info!("Daemon stopping");
         self.notifier.send("STOPPING=1");
-        self.cancel.store(true, Ordering::SeqCst);
+        // A capture in progress is finished, not cancelled: the car is in the bay and what it
+        // takes is evidence. Should the stop outlast systemd's TimeoutStopSec, the kill leaves
+        // the inspection capturing and the next start closes it with what it holds.
         self.stop_upload.store(true, Ordering::SeqCst);
         let _ = self.wake.send(());
         // Closing the job channel ends the capture loop once the running inspection stopped.

@@ -487,17 +487,20 @@ impl Store {
             log::info!(path:% = path.display(); "Buffer is held by another process; recovery skipped");
         }
 
+        // The companion files as found, to keep a damaged file's as they were.
+        let mut found = salvage::Companions::default();
         if owner {
             salvage::finish_interrupted(&path)?;
+            found = salvage::Companions::read(&path);
         }
         // A migration must not fail for want of disk: it may use the reserve.
         let open_schema = || match schema::open(&path, owner) {
             Err(StoreError::DiskFull { .. }) if space::release_reserve(&path) => schema::open(&path, owner),
             other => other,
         };
-        let opened = match open_schema().and_then(|o| salvage::refuse_flagged(&path, owner, o)) {
+        let opened = match salvage::refuse_flagged(&path, owner).and_then(|()| open_schema()) {
             Err(StoreError::Corrupt { detail, .. }) if owner => {
-                recovery.moved_aside = Some(salvage::replace_damaged(&path, &detail, now)?);
+                recovery.moved_aside = Some(salvage::replace_damaged(&path, &detail, now, found)?);
                 open_schema()?
             }
             other => other?,

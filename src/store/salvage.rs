@@ -3,6 +3,17 @@
 //! was recovered and what was lost stays in the buffer (`recoveries`, schema version 4) until
 //! an operator acknowledges it.
 //!
+//! # Finding damage
+//!
+//! The owner's open runs `PRAGMA quick_check` (see [`super`]). Damage only a hash can see (an
+//! image's bytes changed on a sound page) is found by `capture-kiosk check`, which re-hashes
+//! every image ([`check_buffer`]), and by [`super::Store::image_jpeg`] at each read; either
+//! leaves a note, `buffer.sqlite3.damaged`, and the owner's next open salvages the buffer.
+//! The open that finds damage changes nothing: it does not checkpoint the log into the file on
+//! close, and puts back the `-shm` it touched and removes the empty `-wal` it made
+//! ([`Companions`]). `check` takes no lock and writes nothing to the buffer: it reads it
+//! read-only, as an immutable file when no `-wal` or `-shm` shows that someone has it open.
+//!
 //! # Reading a damaged file
 //!
 //! The damaged file is never opened for writing. It is read through a scratch directory
@@ -18,7 +29,7 @@
 //! build. Migrations only ever add tables, and with incremental auto-vacuum the root pages are
 //! the first pages of the file in the order the tables were created, so a fresh buffer's table
 //! directory points at the same pages. Whatever is read that way goes through the same checks
-//! as anything else, so a wrong guess loses rows, never invents them.
+//! as anything else, so a wrong guess loses rows rather than inventing them.
 //!
 //! Every row is read on its own, by rowid: a table is scanned in rowid order until a damaged
 //! page stops the scan, then the scan resumes past it (found by jumping ahead, doubling the
@@ -40,8 +51,10 @@
 //!
 //! An angle whose image was found but could not be read or no longer matches its hash, or (when
 //! the `images` table was damaged) a requested angle with neither image nor failure, is lost: the
-//! report names it and the new buffer records it as the angle's failure, so `queue` and the
-//! cloud see it. Inspections the cloud already completed are copied but never reported as loss.
+//! report names it and the new buffer records it as the angle's failure, so `queue` shows it.
+//! Text that reads with zeros or control characters in it (a page cut short) is not trusted:
+//! such a session name is dropped and the inspection goes to a new session. Inspections the
+//! cloud already completed are copied but never reported as loss.
 //!
 //! # Crash safety
 //!
@@ -154,7 +167,7 @@ impl RecoveryRecord {
             lost.push(format!("{} inspection(s) whose case id is unreadable", r.lost_without_case_id));
         }
         if r.images_unaccounted > 0 {
-            lost.push(format!("{} image(s) of no readable inspection", r.images_unaccounted));
+            lost.push(format!("{} image(s) not tied to any inspection listed", r.images_unaccounted));
         }
         if r.more_may_be_lost {
             lost.push("possibly more: part of the inspections table is unreadable".to_owned());
@@ -169,6 +182,25 @@ impl RecoveryRecord {
             lost,
             self.moved_to.display()
         )
+    }
+
+    /// One line each: what was lost, the notes, the damage and where the file is kept.
+    pub fn details(&self) -> Vec<String> {
+        let r = &self.report;
+        let mut out: Vec<String> = r.lost.iter().map(|l| format!("lost: {}", l.describe())).collect();
+        if r.lost_without_case_id > 0 {
+            out.push(format!("lost: {} inspection(s) whose case id is unreadable", r.lost_without_case_id));
+        }
+        if r.images_unaccounted > 0 {
+            out.push(format!("lost: {} image(s) not tied to any inspection listed", r.images_unaccounted));
+        }
+        if r.more_may_be_lost {
+            out.push("more may be lost: part of the inspections table is unreadable".to_owned());
+        }
+        out.extend(r.notes.iter().map(|n| format!("note: {n}")));
+        out.push(format!("damage: {}", self.damage_in_short()));
+        out.push(format!("the damaged file is kept, untouched, at {}", self.moved_to.display()));
+        out
     }
 
     /// The first of SQLite's complaints, on one line.
@@ -253,9 +285,13 @@ pub fn check_buffer(state_dir: &Path) -> Result<BufferCheck, StoreError> {
     }
     check.exists = true;
     let err = |e| sqlite_error(&path, e);
+    // Without a `-wal` or `-shm` nobody has the file open: it is read as it is, creating
+    // nothing next to it. Otherwise it is read through them, as the daemon writes it.
+    let in_use = ["-wal", "-shm"].iter().any(|s| disk::exists(&disk::with_suffix(&path, s)));
+    let target = if in_use { path.to_string_lossy().into_owned() } else { immutable_uri(&path) };
     let conn = Connection::open_with_flags(
-        &path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        target,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
     )
     .map_err(err)?;
     conn.busy_timeout(schema::BUSY_TIMEOUT).map_err(err)?;
@@ -274,6 +310,21 @@ pub fn check_buffer(state_dir: &Path) -> Result<BufferCheck, StoreError> {
         flag_damage(&path, &check.problems.join("; "));
     }
     Ok(check)
+}
+
+/// `file:<path>?immutable=1`: read-only, no lock, no `-wal` or `-shm` looked for or made.
+fn immutable_uri(path: &Path) -> String {
+    let mut uri = String::from("file:");
+    for c in path.to_string_lossy().chars() {
+        match c {
+            '%' => uri.push_str("%25"),
+            '?' => uri.push_str("%3f"),
+            '#' => uri.push_str("%23"),
+            c => uri.push(c),
+        }
+    }
+    uri.push_str("?immutable=1");
+    uri
 }
 
 /// Leaves a note next to the buffer at `path` that it is damaged in a way `quick_check` does
@@ -303,19 +354,15 @@ pub(crate) fn flagged_damage(path: &Path) -> Option<String> {
     Some(if detail.trim().is_empty() { "an image no longer matches its sha256".to_owned() } else { detail })
 }
 
-/// Passes `opened` on, unless damage was noted for the buffer and this process owns it: then
-/// it is [`StoreError::Corrupt`], so that [`super::Store::open`] salvages the buffer.
-pub(crate) fn refuse_flagged(
-    path: &Path,
-    owner: bool,
-    opened: schema::Opened,
-) -> Result<schema::Opened, StoreError> {
+/// `Ok` unless damage was noted for the buffer and this process owns it: then it is
+/// [`StoreError::Corrupt`] before the file is even opened, so that [`super::Store::open`]
+/// salvages it and keeps it aside as it was.
+pub(crate) fn refuse_flagged(path: &Path, owner: bool) -> Result<(), StoreError> {
     match flagged_damage(path) {
-        Some(detail) if owner => {
-            drop(opened);
-            Err(StoreError::Corrupt { path: path.to_owned(), detail: format!("found earlier: {detail}") })
+        Some(detail) if owner && disk::exists(path) => {
+            Err(StoreError::Corrupt { path: path.to_owned(), detail: format!("noted earlier: {detail}") })
         }
-        _ => Ok(opened),
+        _ => Ok(()),
     }
 }
 
@@ -394,6 +441,41 @@ pub(crate) fn integrity(conn: &Connection) -> rusqlite::Result<(Vec<String>, u64
     Ok((problems, hashed))
 }
 
+/// The buffer's companions as they were before this process opened it: the `-shm` (SQLite's
+/// shared-memory index of the log, small: 32 KiB per 4096 pages of log) and whether there was
+/// a `-wal`. Opening a file creates both; a file found damaged is kept aside as it was found.
+#[derive(Debug, Default)]
+pub(crate) struct Companions {
+    shm: Option<Vec<u8>>,
+    wal: bool,
+}
+
+impl Companions {
+    pub(crate) fn read(path: &Path) -> Companions {
+        Companions {
+            shm: std::fs::read(disk::with_suffix(path, "-shm")).ok(),
+            wal: disk::exists(&disk::with_suffix(path, "-wal")),
+        }
+    }
+
+    /// Puts the `-shm` back as it was and removes an empty `-wal` that opening created; called
+    /// once no connection to the file is open.
+    fn restore(self, path: &Path) {
+        let shm = disk::with_suffix(path, "-shm");
+        let wal = disk::with_suffix(path, "-wal");
+        let created_wal = !self.wal && std::fs::metadata(&wal).is_ok_and(|m| m.len() == 0);
+        let restored = match self.shm {
+            Some(bytes) => std::fs::write(&shm, bytes),
+            None if disk::exists(&shm) => std::fs::remove_file(&shm),
+            None => Ok(()),
+        }
+        .and_then(|()| if created_wal { std::fs::remove_file(&wal) } else { Ok(()) });
+        if let Err(e) = restored {
+            log::warn!(path:% = path.display(), error:% = e; "The damaged buffer's companion files could not be put back as they were");
+        }
+    }
+}
+
 /// Puts in place a salvaged buffer that a stop between moving the damaged file aside and
 /// renaming the salvaged one left waiting. Only the buffer's owner calls it, before opening.
 pub(crate) fn finish_interrupted(path: &Path) -> Result<(), StoreError> {
@@ -413,8 +495,15 @@ pub(crate) fn finish_interrupted(path: &Path) -> Result<(), StoreError> {
 /// Replaces the damaged buffer at `path`: salvages what it still holds into a fresh buffer,
 /// moves it (with its `-wal` and `-shm`) aside untouched to `<path>.corrupt-<unix ms>`, puts
 /// the fresh buffer in its place and records the report there. Returns where the damaged file
-/// went. Nothing is deleted but this module's own scratch files.
-pub(crate) fn replace_damaged(path: &Path, damage: &str, now: SystemTime) -> Result<PathBuf, StoreError> {
+/// went. `found` are its companions as they were before the open that found the damage.
+/// Nothing is deleted but this module's own scratch files and what that open created.
+pub(crate) fn replace_damaged(
+    path: &Path,
+    damage: &str,
+    now: SystemTime,
+    found: Companions,
+) -> Result<PathBuf, StoreError> {
+    found.restore(path);
     let io = |action: &'static str, at: &Path| {
         let at = at.to_owned();
         move |source| StoreError::Io { path: at, action, source }
@@ -1101,9 +1190,9 @@ fn copy(source: &Source, fresh: &mut Connection, now: SystemTime) -> SalvageRepo
             continue;
         }
         let mut rowids = images_of.remove(&inspection.id).unwrap_or_default();
-        let index_damaged = images_by_index(source, inspection.id, &mut rowids);
+        images_by_index(source, inspection.id, &mut rowids);
         let context = Context {
-            images_damaged: images_damaged || index_damaged,
+            images_damaged,
             failures: failures_of.remove(&inspection.id).unwrap_or_default(),
             sent: sent_of.remove(&inspection.id).unwrap_or_default(),
         };
@@ -1185,34 +1274,22 @@ fn plausible_text(text: &str) -> bool {
     !text.is_empty() && !text.chars().any(|c| c.is_control() && c != '\n')
 }
 
-/// Adds the image rows of `inspection` that the `(inspection_id, angle)` index names; `true`
-/// when the index could not be read whole.
-fn images_by_index(source: &Source, inspection: i64, rowids: &mut BTreeMap<i64, String>) -> bool {
+/// Adds the image rows of `inspection` that the `(inspection_id, angle)` index names: it names
+/// the angle of a row the damaged table cannot give, and reaches rows under a damaged page of
+/// the table. A damaged index only adds less.
+fn images_by_index(source: &Source, inspection: i64, rowids: &mut BTreeMap<i64, String>) {
     if !source.has("images") {
-        return true;
+        return;
     }
-    let found = source
-        .conn
-        .prepare_cached(
-            "SELECT rowid, angle FROM images INDEXED BY sqlite_autoindex_images_1 WHERE inspection_id = ?1",
-        )
-        .and_then(|mut stmt| {
-            let rows = stmt.query_map([inspection], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
-            let mut damaged = false;
-            for row in rows {
-                match row {
-                    Ok((rowid, angle)) => {
-                        rowids.entry(rowid).or_insert(angle);
-                    }
-                    Err(_) => {
-                        damaged = true;
-                        break;
-                    }
-                }
-            }
-            Ok(damaged)
-        });
-    found.unwrap_or(true)
+    let sql = "SELECT rowid, angle FROM images INDEXED BY sqlite_autoindex_images_1 WHERE inspection_id = ?1";
+    let Ok(mut stmt) = source.conn.prepare_cached(sql) else { return };
+    let Ok(rows) = stmt.query_map([inspection], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))) else {
+        return;
+    };
+    for row in rows {
+        let Ok((rowid, angle)) = row else { return };
+        rowids.entry(rowid).or_insert(angle);
+    }
 }
 
 /// What the other tables hold about one inspection.

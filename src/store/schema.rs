@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 
 use super::error::sqlite_error;
@@ -216,6 +217,9 @@ pub(crate) struct Opened {
 pub(crate) fn open(path: &Path, check: bool) -> Result<Opened, StoreError> {
     let err = |e| sqlite_error(path, e);
     let mut conn = Connection::open(path).map_err(err)?;
+    // Until the file has proved sound, closing must not checkpoint its log into it: a damaged
+    // file is kept aside with its `-wal` exactly as they were found.
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true).map_err(err)?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
     // Reading comes first: a file that is not a database, or one written by a newer release,
     // must be refused before a single byte of it changes.
@@ -239,6 +243,7 @@ pub(crate) fn open(path: &Path, check: bool) -> Result<Opened, StoreError> {
     if check {
         quick_check(path, &conn)?;
     }
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, false).map_err(err)?;
     let migrated_from = migrate(path, &mut conn)?;
     Ok(Opened { connection: conn, migrated_from })
 }
