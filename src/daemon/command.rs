@@ -110,11 +110,11 @@ pub fn parse(name: &str, payload: &[u8], now: SystemTime) -> Result<Command, Ref
                 "expires_at must be an RFC 3339 string such as 2026-11-21T10:00:03Z".into(),
             ));
         };
-        let at = humantime::parse_rfc3339_weak(text.trim_end_matches('Z')).map_err(|e| {
+        let at = crate::clock::parse_rfc3339_utc(text).map_err(|e| {
             refuse(
                 some,
                 format!(
-                    "expires_at {text:?} is not an RFC 3339 UTC time ({e}); write e.g. 2026-11-21T10:00:03Z"
+                    "expires_at {text:?} is not an RFC 3339 UTC time: {e}; write e.g. 2026-11-21T10:00:03Z"
                 ),
             )
         })?;
@@ -457,6 +457,27 @@ mod tests {
         check_leading_id("", None);
         check_leading_id(r#"{"a" 1, "command_id":"a"}"#, None);
         check_leading_id(r#"{"a":]]],"command_id":"a"}"#, None);
+    }
+
+    #[test]
+    fn expiry_dates_after_2038_are_read_on_32_bit_boards_too() {
+        let ping = |expires_at: &str, now: SystemTime| {
+            parse("ping", format!(r#"{{"command_id":"p","expires_at":"{expires_at}"}}"#).as_bytes(), now)
+        };
+        for late in ["2038-01-19T03:14:08Z", "2050-06-01T12:00:00Z", "2106-02-07T06:28:17.5Z"] {
+            assert_eq!(ping(late, now()).map(|c| c.action), Ok(Action::Ping), "{late}");
+        }
+        // A bay whose clock is already past 2038 still sees what has expired.
+        let in_2040 = SystemTime::UNIX_EPOCH + Duration::from_secs(2_208_988_800);
+        assert_eq!(ping("2039-12-31T23:59:59Z", in_2040).unwrap_err().reason, "expired");
+        assert_eq!(ping("2040-01-01T00:00:01Z", in_2040).map(|c| c.action), Ok(Action::Ping));
+        check_refused(
+            "ping",
+            r#"{"command_id":"a","expires_at":"2050-06-01T12:00:00+02:00"}"#,
+            Some("a"),
+            "UTC",
+        );
+        check_refused("ping", r#"{"command_id":"a","expires_at":"2050-02-30T12:00:00Z"}"#, Some("a"), "day");
     }
 
     #[test]

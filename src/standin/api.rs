@@ -334,7 +334,7 @@ fn parse_api_timestamp(text: &str) -> Option<SystemTime> {
     if !shape_ok {
         return None;
     }
-    humantime::parse_rfc3339(text).ok()
+    crate::clock::parse_rfc3339_utc(text).ok()
 }
 
 fn decode_lowercase_hex(text: &str) -> Option<Vec<u8>> {
@@ -979,6 +979,29 @@ mod tests {
         check_timestamp("2026-13-21T10:00:03Z", false);
         check_timestamp("2026-02-30T10:00:03Z", false);
         check_timestamp("", false);
+        // Past the end of a 32-bit time_t: a 32-bit board running the stand-in reads them too.
+        check_timestamp("2038-01-19T03:14:08Z", true);
+        check_timestamp("2099-12-31T23:59:59Z", true);
+    }
+
+    #[test]
+    fn a_request_signed_after_2038_is_judged_like_any_other() {
+        let config = StandInConfig::default();
+        let secret = crate::upload::credentials::Secret::new(config.api_secret.clone());
+        let sent = UNIX_EPOCH + Duration::from_secs(2_208_988_800); // 2040-01-01T00:00:00Z
+        let signature = crate::upload::signing::sign(&secret, &config.username, &config.api_key, sent);
+        let head = Head {
+            method: "POST".into(),
+            path: "/api/authenticate".into(),
+            headers: vec![
+                ("API-Key".into(), signature.api_key),
+                ("API-Timestamp".into(), signature.timestamp),
+                ("API-Token".into(), signature.token),
+            ],
+        };
+        assert!(check_signature(&config, &head, sent + Duration::from_secs(5)).is_ok());
+        let late = check_signature(&config, &head, sent + Duration::from_secs(600)).unwrap_err();
+        assert_eq!((late.status, late.body["message"].as_str()), (401, Some(SKEW)));
     }
 
     #[test]

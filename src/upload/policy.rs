@@ -231,6 +231,21 @@ mod tests {
     }
 
     #[test]
+    fn http_dates_after_2038_are_read_on_32_bit_boards_too() {
+        // 2040-01-01T00:00:00Z, past where a 32-bit time_t ends.
+        let later = UNIX_EPOCH + Duration::from_secs(2_208_988_800);
+        assert_eq!(parse_retry_after("Sun, 01 Jan 2040 00:00:40 GMT", later), Some(Duration::from_secs(40)));
+        assert_eq!(
+            judge_clock("Sat, 31 Dec 2039 23:57:00 GMT", later),
+            Some(ClockTrust::Untrusted { skew_secs: 180 })
+        );
+        assert_eq!(
+            judge_clock("Sun, 01 Jan 2040 00:00:30 GMT", later),
+            Some(ClockTrust::Trusted { skew_secs: -30 })
+        );
+    }
+
+    #[test]
     fn backoff_doubles_with_full_jitter_and_stops_at_five_minutes() {
         let b = |n, r| backoff(n, BASE_BACKOFF, MAX_BACKOFF, r);
         assert_eq!(b(0, 0.999_999), Duration::from_secs(1).mul_f64(0.999_999));
