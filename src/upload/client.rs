@@ -472,7 +472,9 @@ pub fn describe_trust(trust: ClockTrust) -> String {
 
 /// What the kernel says of its clock: `Some(true)` when NTP (or another source) keeps it
 /// synchronised, `Some(false)` when the kernel marks it unsynchronised, `None` when it cannot
-/// be asked. Informational: the server's `Date` decides whether the kiosk signs.
+/// be asked: under the unit's `ProtectClock=yes` the kernel refuses the query with EPERM, and
+/// that is read as unknown, not as an error. Informational: the server's `Date` decides
+/// whether the kiosk signs.
 pub fn kernel_clock_synchronised() -> Option<bool> {
     // SAFETY: adjtimex with `modes = 0` only reads the kernel's state into the zeroed struct.
     let mut tx: libc::timex = unsafe { std::mem::zeroed() };
