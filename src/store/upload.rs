@@ -101,8 +101,8 @@ impl Store {
         let tx = self.conn.unchecked_transaction().map_err(err)?;
         let id: Option<i64> = tx
             .query_row(
-                "SELECT id FROM inspections WHERE state IN ('captured', 'uploading')
-                 ORDER BY queue_rank, id LIMIT 1",
+                "SELECT id FROM inspections INDEXED BY inspections_upload_queue
+                 WHERE state IN ('captured', 'uploading') ORDER BY queue_rank, id LIMIT 1",
                 [],
                 |r| r.get(0),
             )
@@ -275,6 +275,7 @@ impl Store {
             .query_row(
                 "UPDATE inspections SET
                         queue_rank = (SELECT MAX(queue_rank) FROM inspections
+                                      INDEXED BY inspections_upload_queue
                                       WHERE state IN ('captured', 'uploading')) + 1,
                         turn_attempts = 0,
                         moved_behind = moved_behind + 1
