@@ -740,11 +740,10 @@ fn test_frame_details(
     )];
     for (i, mask) in rules.masks.iter().enumerate() {
         lines.push(format!(
-            "mask {} {}{}: {}, {} points, {:.1} % of the picture, outlined in {}",
+            "mask {}{}: {}, {} points, {:.1} % of the picture, outlined in {}",
             i + 1,
-            mask.name().map(|n| format!("{n:?} ")).unwrap_or_default(),
+            mask.name().map(|n| format!(" {n:?}")).unwrap_or_default(),
             mask.fill().as_str(),
-            if mask.fill() == imaging::Fill::Black { "filled black" } else { "pixelated" },
             mask.polygon().len(),
             mask.area() * 100.0,
             imaging::mask::outline_colour_name(i),
