@@ -185,3 +185,27 @@ impl Drop for Tmpfs {
         let _ = std::process::Command::new("umount").arg("-l").arg(self.dir.path()).status();
     }
 }
+
+/// Starts Mosquitto on a free port of 127.0.0.1 with `settings` (lines of mosquitto.conf) and
+/// waits until it listens. The configuration is written in `dir`. Returns the port and the
+/// process, which the caller kills.
+pub fn mosquitto(dir: &Path, settings: &str) -> (u16, std::process::Child) {
+    use std::net::{TcpListener, TcpStream};
+    use std::time::Instant;
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(&conf, format!("listener {port} 127.0.0.1\npersistence false\n{settings}")).unwrap();
+    let child = std::process::Command::new("mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("mosquitto must be installed (scripts/setup-debian)");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "mosquitto did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (port, child)
+}
