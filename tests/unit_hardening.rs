@@ -189,15 +189,17 @@ fn the_daemon_makes_no_system_call_outside_the_units_filter() {
     make_readable(&config);
     let watcher = Watcher::connect(&broker);
     let trace = work.join("run.trace");
-    let mut tracer = strace(&trace, user, &["-e", "inject=adjtimex,clock_adjtime:error=EPERM"])
+    let stderr_path = work.join("run.stderr");
+    let tracer = strace(&trace, user, &["-e", "inject=adjtimex,clock_adjtime:error=EPERM"])
         .args(["run", "--config"])
         .arg(&config)
         .env("NOTIFY_SOCKET", notify_dir.join("socket"))
         .env("WATCHDOG_USEC", "2000000")
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
         .spawn()
         .unwrap();
+    let mut tracer = KillOnDrop(tracer);
     watcher.wait("status", |v| v == "online");
     watcher.send("cmd/start", r#"{"command_id":"strace-1","case_id":"CASE-S1"}"#);
     let uploaded =
@@ -209,11 +211,11 @@ fn the_daemon_makes_no_system_call_outside_the_units_filter() {
         ready |= String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "READY=1");
     }
     assert!(ready, "the daemon said READY=1 on the notify socket");
-    let daemon = traced_child(&tracer);
+    let daemon = traced_child(&tracer.0);
+    // SAFETY: kill has no memory preconditions; the pid is the traced daemon's.
     unsafe { libc::kill(daemon, libc::SIGTERM) };
-    let status = tracer.wait().unwrap();
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(tracer.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    let status = tracer.0.wait().unwrap();
+    let stderr = std::fs::read_to_string(&stderr_path).unwrap();
     assert!(status.success(), "the daemon stops cleanly on SIGTERM: {status}\n{stderr}");
     record("run", &trace);
 
@@ -330,6 +332,25 @@ fn allowed_system_calls() -> BTreeSet<String> {
     }
     assert!(!allowed.is_empty(), "the unit has no SystemCallFilter= allow list");
     allowed.difference(&refused).cloned().collect()
+}
+
+/// strace and the daemon it runs, stopped if the test fails on the way.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            if let Ok(children) = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.0.id()))
+            {
+                for pid in children.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                    // SAFETY: kill has no memory preconditions.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }
 
 /// The pid of the process strace started.
