@@ -272,3 +272,67 @@ fn with_the_example_acl_one_bay_cannot_act_for_another() {
     assert!(state["boot_id"].is_string(), "{state}");
     let _ = broker.kill();
 }
+
+/// Runs `mosquitto_ctrl dynsec` with `args` against the broker on `port` as the admin.
+fn dynsec(port: u16, args: &[&str]) {
+    let out = std::process::Command::new("mosquitto_ctrl")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-u", "admin", "-P", "pw-admin", "dynsec"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "mosquitto_ctrl dynsec {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn a_bay_whose_command_subscription_is_refused_says_so_in_its_state_and_log() {
+    // Mosquitto's own ACL file grants every subscription and filters delivery; its dynamic
+    // security plugin refuses a subscription outright (SUBACK 0x80), as EMQX, HiveMQ and
+    // AWS IoT Core do. Here the bay's role lets it publish but not subscribe: a broker-side
+    // mistake the bay must not hide.
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("dynsec.json");
+    let out = std::process::Command::new("mosquitto_ctrl")
+        .args(["dynsec", "init"])
+        .arg(&json)
+        .args(["admin", "pw-admin"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "dynsec init: {}", String::from_utf8_lossy(&out.stderr));
+    let port = support::free_port();
+    let plugin = [
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/usr/lib/arm-linux-gnueabihf",
+        "/usr/lib",
+    ]
+    .iter()
+    .map(|d| Path::new(d).join("mosquitto_dynamic_security.so"))
+    .find(|p| p.exists())
+    .expect("Mosquitto's dynamic security plugin (package mosquitto)");
+    let mut broker = support::mosquitto_conf(
+        tmp.path(),
+        &format!(
+            "per_listener_settings false\nallow_anonymous false\nplugin {}\nplugin_opt_config_file {}\nlistener {port} 127.0.0.1\n",
+            plugin.display(),
+            json.display()
+        ),
+        port,
+    );
+    dynsec(port, &["createClient", "bay-m", "-p", "pw-bay-m"]);
+    dynsec(port, &["createRole", "publish-only"]);
+    dynsec(port, &["addRoleACL", "publish-only", "publishClientSend", "capture-kiosk/bay-m/#", "allow", "5"]);
+    dynsec(port, &["addClientRole", "bay-m", "publish-only"]);
+
+    let dir = tmp.path().join("m");
+    std::fs::create_dir_all(&dir).unwrap();
+    let kiosk = Kiosk::run(&bay_with_login(&dir, "bay-m", port, "bay-m"));
+    let line = kiosk.wait_log(&["refused the subscription"], 20);
+    assert!(line.starts_with("ERROR") && line.contains("capture-kiosk/bay-m/cmd/+"), "{line}");
+    let mut watcher = Probe::connect(port, "watcher", Some(("admin", "pw-admin")));
+    assert!(watcher.subscribe("capture-kiosk/bay-m/state"));
+    let state = watcher.json("capture-kiosk/bay-m/state", |v| {
+        v["alerts"].as_array().is_some_and(|a| a.iter().any(|a| a["type"] == "mqtt_subscription_refused"))
+    });
+    assert_eq!(state["lifecycle"], "alert", "{state}");
+    let _ = broker.kill();
+}
