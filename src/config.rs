@@ -1229,6 +1229,40 @@ angles = ["Rear", "Rear_Left", "Rear_Right", "VIN"]
         );
         check_refused(&with("url = \"mqtt://b\"\nheartbeat = \"0s\""), Some("mqtt.heartbeat"), &["1s to 1h"]);
         check_refused(&with("url = \"mqtt://b\"\nqos = 2"), None, &["qos"]);
+        let m = parse(&with("url = \"mqtt://b\""), "t").unwrap().mqtt.unwrap();
+        assert_eq!(m.client_id("bay-07"), "capture-kiosk-bay-07");
+        let m =
+            parse(&with("url = \"mqtt://b\"\nclient_id = \"acme:bay-07.east\""), "t").unwrap().mqtt.unwrap();
+        assert_eq!(m.client_id("bay-07"), "acme:bay-07.east");
+        for bad in ["\"\"", "\"bay 07\"", "\"bay/07\"", "\"bay#\"", &format!("\"{}\"", "x".repeat(129))] {
+            check_refused(
+                &with(&format!("url = \"mqtt://b\"\nclient_id = {bad}")),
+                Some("mqtt.client_id"),
+                &["client id", "capture-kiosk-{bay_id}"],
+            );
+        }
+        let tls = "url = \"mqtts://b\"\nca_file = \"/ca.pem\"";
+        let m =
+            parse(&with(&format!("{tls}\nclient_cert_file = \"/c.pem\"\nclient_key_file = \"/c.key\"")), "t")
+                .unwrap()
+                .mqtt
+                .unwrap();
+        assert_eq!(m.client_key_file.as_deref(), Some(Path::new("/c.key")));
+        check_refused(
+            &with(&format!("{tls}\nclient_cert_file = \"/c.pem\"")),
+            Some("mqtt.client_key_file"),
+            &["private key"],
+        );
+        check_refused(
+            &with(&format!("{tls}\nclient_key_file = \"/c.key\"")),
+            Some("mqtt.client_cert_file"),
+            &["client certificate"],
+        );
+        check_refused(
+            &with("url = \"mqtt://b\"\nclient_cert_file = \"/c.pem\"\nclient_key_file = \"/c.key\""),
+            Some("mqtt.client_cert_file"),
+            &["mqtts://"],
+        );
         let shown = parse(&with("url = \"mqtt://u:hunter2@b\""), "t").unwrap_err().to_string();
         assert!(!shown.contains("hunter2"), "{shown}");
     }

@@ -10,9 +10,9 @@ use std::time::{Duration, SystemTime};
 
 use capture_kiosk::clock::rfc3339_seconds;
 use capture_kiosk::store::{Caps, Store};
-use support::{Kiosk, Probe, ProbeSeen};
+use support::{Kiosk, Probe};
 
-fn anonymous_broker(dir: &Path) -> (u16, std::process::Child) {
+fn anonymous_broker(dir: &Path) -> (u16, support::Mosquitto) {
     let port = support::free_port();
     let child = support::mosquitto_conf(
         dir,
@@ -39,7 +39,7 @@ fn started_events(probe: &Probe, root: &str) -> usize {
 #[test]
 fn a_start_sent_while_the_bay_was_killed_runs_when_it_is_back_and_an_expired_one_does_not() {
     let tmp = tempfile::tempdir().unwrap();
-    let (port, mut broker) = anonymous_broker(tmp.path());
+    let (port, broker) = anonymous_broker(tmp.path());
     let root = "capture-kiosk/bay-blip";
     let config = support::bay_config(tmp.path(), "bay-blip", &format!("url = \"mqtt://127.0.0.1:{port}\""));
     let mut operator = Probe::connect(port, "operator", None);
@@ -109,7 +109,7 @@ fn a_start_sent_while_the_bay_was_killed_runs_when_it_is_back_and_an_expired_one
     assert_eq!(started_events(&operator, root), 1, "{:#?}", operator.summary());
     drop(_kiosk);
     assert_eq!(inspections(&tmp.path().join("state")), 1, "no command ran twice");
-    let _ = broker.kill();
+    drop(broker);
 }
 
 /// Connections the broker accepted from `client_id`, from its log.
@@ -123,7 +123,7 @@ fn connections(dir: &Path, client_id: &str) -> usize {
 #[test]
 fn two_kiosks_with_the_same_bay_id_stop_fighting_over_the_session_and_say_so() {
     let tmp = tempfile::tempdir().unwrap();
-    let (port, mut broker) = anonymous_broker(tmp.path());
+    let (port, broker) = anonymous_broker(tmp.path());
     let root = "capture-kiosk/bay-twin";
     let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
     std::fs::create_dir_all(&one).unwrap();
@@ -169,11 +169,11 @@ fn two_kiosks_with_the_same_bay_id_stop_fighting_over_the_session_and_say_so() {
     operator.publish(&format!("{root}/cmd/ping"), r#"{"command_id":"twin-ping"}"#);
     let ack = operator.json(&format!("{root}/cmd/ping/ack"), |v| v["command_id"] == "twin-ping");
     assert_eq!(ack["status"], "succeeded");
-    let _ = broker.kill();
+    drop(broker);
 }
 
 /// The example ACL, a password file made with mosquitto_passwd, and a broker using both.
-fn acl_broker(dir: &Path, extra_acl: &str, users: &[&str]) -> (u16, std::process::Child) {
+fn acl_broker(dir: &Path, extra_acl: &str, users: &[&str]) -> (u16, support::Mosquitto) {
     let acl = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/mosquitto/acl.example"))
         .unwrap();
     std::fs::write(dir.join("acl"), format!("{acl}\n{extra_acl}")).unwrap();
@@ -215,7 +215,7 @@ fn bay_with_login(dir: &Path, bay_id: &str, port: u16, user: &str) -> std::path:
 #[test]
 fn with_the_example_acl_one_bay_cannot_act_for_another() {
     let tmp = tempfile::tempdir().unwrap();
-    let (port, mut broker) = acl_broker(tmp.path(), "", &["bay-a", "bay-b", "operator"]);
+    let (port, broker) = acl_broker(tmp.path(), "", &["bay-a", "bay-b", "operator"]);
     let (dir_a, dir_b) = (tmp.path().join("a"), tmp.path().join("b"));
     std::fs::create_dir_all(&dir_a).unwrap();
     std::fs::create_dir_all(&dir_b).unwrap();
@@ -270,7 +270,7 @@ fn with_the_example_acl_one_bay_cannot_act_for_another() {
     assert!(late.subscribe("capture-kiosk/bay-b/state"));
     let state = late.json("capture-kiosk/bay-b/state", |_| true);
     assert!(state["boot_id"].is_string(), "{state}");
-    let _ = broker.kill();
+    drop(broker);
 }
 
 /// Runs `mosquitto_ctrl dynsec` with `args` against the broker on `port` as the admin.
@@ -309,7 +309,7 @@ fn a_bay_whose_command_subscription_is_refused_says_so_in_its_state_and_log() {
     .map(|d| Path::new(d).join("mosquitto_dynamic_security.so"))
     .find(|p| p.exists())
     .expect("Mosquitto's dynamic security plugin (package mosquitto)");
-    let mut broker = support::mosquitto_conf(
+    let broker = support::mosquitto_conf(
         tmp.path(),
         &format!(
             "per_listener_settings false\nallow_anonymous false\nplugin {}\nplugin_opt_config_file {}\nlistener {port} 127.0.0.1\n",
@@ -334,5 +334,5 @@ fn a_bay_whose_command_subscription_is_refused_says_so_in_its_state_and_log() {
         v["alerts"].as_array().is_some_and(|a| a.iter().any(|a| a["type"] == "mqtt_subscription_refused"))
     });
     assert_eq!(state["lifecycle"], "alert", "{state}");
-    let _ = broker.kill();
+    drop(broker);
 }

@@ -170,7 +170,7 @@ fn tls_broker(
     plain: u16,
     cert: &str,
     require_certificate: bool,
-) -> std::process::Child {
+) -> support::Mosquitto {
     support::mosquitto_conf(
         dir,
         &format!(
@@ -211,13 +211,13 @@ fn mqtts_with_the_right_ca_connects_and_takes_commands() {
     let pki = pki();
     let run = tempfile::tempdir().unwrap();
     let (tls, plain) = (support::free_port(), support::free_port());
-    let mut broker = tls_broker(pki.path(), run.path(), tls, plain, "server", false);
+    let broker = tls_broker(pki.path(), run.path(), tls, plain, "server", false);
     let mut operator = Probe::connect(plain, "operator", None);
     assert!(operator.subscribe(&format!("{ROOT}/#")));
     let kiosk = Kiosk::run(&kiosk_config(run.path(), tls, &pki.path().join("ca.pem"), None));
     works(&mut operator, "tls-1");
     assert!(kiosk.log().contains(&format!("broker=127.0.0.1:{tls}")), "{}", kiosk.log());
-    let _ = broker.kill();
+    drop(broker);
 }
 
 #[test]
@@ -245,15 +245,14 @@ fn a_wrong_ca_an_expired_certificate_and_a_wrong_host_are_refused_by_name_and_re
         assert!(!kiosk.log().contains("MQTT broker connected"), "{case}: {}", kiosk.log());
         if fixable {
             // The broker gets its right certificate back on the same port: the kiosk comes in.
-            let _ = broker.kill();
-            let _ = broker.wait();
+            drop(broker);
             broker = tls_broker(pki.path(), run.path(), tls, plain, "server", false);
             let mut operator = Probe::connect(plain, "operator", None);
             assert!(operator.subscribe(&format!("{ROOT}/#")));
             kiosk.wait_log(&["MQTT broker connected", &broker_words], 40);
             works(&mut operator, &format!("fixed-{}", case.replace(' ', "-")));
         }
-        let _ = broker.kill();
+        drop(broker);
     }
 }
 
@@ -262,7 +261,7 @@ fn mutual_tls_works_with_the_client_certificate_and_is_refused_without_it() {
     let pki = pki();
     let run = tempfile::tempdir().unwrap();
     let (tls, plain) = (support::free_port(), support::free_port());
-    let mut broker = tls_broker(pki.path(), run.path(), tls, plain, "server", true);
+    let broker = tls_broker(pki.path(), run.path(), tls, plain, "server", true);
     let mut operator = Probe::connect(plain, "operator", None);
     assert!(operator.subscribe(&format!("{ROOT}/#")));
 
@@ -278,7 +277,7 @@ fn mutual_tls_works_with_the_client_certificate_and_is_refused_without_it() {
         Kiosk::run(&kiosk_config(run.path(), tls, &pki.path().join("ca.pem"), Some((&client.0, &client.1))));
     works(&mut operator, "mtls-1");
     drop(kiosk);
-    let _ = broker.kill();
+    drop(broker);
 }
 
 #[test]

@@ -216,8 +216,8 @@ pub fn free_port() -> u16 {
 }
 
 /// Starts Mosquitto with exactly `conf` (a whole mosquitto.conf, written in `dir`) and waits
-/// until `port` listens. Its log goes to `dir/mosquitto.log`. The caller kills the process.
-pub fn mosquitto_conf(dir: &Path, conf: &str, port: u16) -> std::process::Child {
+/// until `port` listens. Its log goes to `dir/mosquitto.log`. Killed when dropped.
+pub fn mosquitto_conf(dir: &Path, conf: &str, port: u16) -> Mosquitto {
     use std::net::TcpStream;
     use std::time::Instant;
     let path = dir.join("mosquitto.conf");
@@ -240,7 +240,17 @@ pub fn mosquitto_conf(dir: &Path, conf: &str, port: u16) -> std::process::Child 
         assert!(Instant::now() < deadline, "mosquitto did not listen on {port}");
         std::thread::sleep(Duration::from_millis(20));
     }
-    child
+    Mosquitto(child)
+}
+
+/// A Mosquitto process, killed (and reaped) when dropped.
+pub struct Mosquitto(pub std::process::Child);
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// The daemon binary run with a configuration file, its stderr (the log) collected; killed
