@@ -304,12 +304,22 @@ impl Link {
         let mut last_reason = String::new();
         let broker = self.shared.broker.as_str();
         let client_id = self.shared.client_id.as_str();
-        for notification in connection.iter() {
+        // An oversized message stays queued in the persistent session and would come back at
+        // every reconnect: the next connection is a clean one that discards it, and is dropped
+        // at once for a persistent one again.
+        let mut discard_session = false;
+        while let Ok(notification) = connection.recv() {
             if notification.is_ok() && watch.still_connected(epoch.elapsed()) {
                 log::info!(broker = broker, client_id = client_id; "MQTT session held long enough; no other client seems to use this client id any more");
                 on_event(LinkEvent::AlertCleared { kind: ALERT_CLIENT_ID_IN_USE });
             }
             match notification {
+                Ok(Event::Incoming(Packet::ConnAck(_))) if discard_session => {
+                    discard_session = false;
+                    connection.eventloop.mqtt_options.set_clean_session(false);
+                    connection.eventloop.clean();
+                    log::info!(broker = broker, client_id = client_id; "MQTT session with the oversized message discarded; connecting again with a persistent one");
+                }
                 Ok(Event::Incoming(Packet::ConnAck(connack))) => {
                     failures = 0;
                     last_reason.clear();
@@ -374,6 +384,8 @@ impl Link {
                     if let Some(bytes) = oversized(&e) {
                         log::warn!(bytes = bytes, limit = MAX_READ_PAYLOAD; "MQTT message over the size the kiosk reads; the connection is made again (set the broker's message_size_limit to refuse such messages)");
                         on_event(LinkEvent::Oversized { bytes });
+                        discard_session = true;
+                        connection.eventloop.mqtt_options.set_clean_session(true);
                     }
                     if was {
                         log::warn!(broker = broker, reason = reason.as_str(); "MQTT broker connection lost");
