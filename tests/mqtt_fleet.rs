@@ -164,6 +164,9 @@ fn two_kiosks_with_the_same_bay_id_stop_fighting_over_the_session_and_say_so() {
     assert!(before >= 4, "the take-over rounds are in the broker's log ({before})");
     std::thread::sleep(Duration::from_secs(4));
     let after = connections(tmp.path(), "capture-kiosk-bay-twin");
+    eprintln!(
+        "connections from the shared client id: {before} until one backed off, {after} four seconds later"
+    );
     assert!(after <= before + 1, "the two kiosks still flap: {before} then {after} connections");
     // The one that stayed still works.
     operator.publish(&format!("{root}/cmd/ping"), r#"{"command_id":"twin-ping"}"#);
