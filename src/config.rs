@@ -39,6 +39,9 @@ impl MqttConfig {
             username: None,
             password_file: None,
             ca_file: None,
+            client_id: None,
+            client_cert_file: None,
+            client_key_file: None,
             heartbeat: default_heartbeat(),
         };
         raw.check().map_err(|i| ConfigError::Invalid {
@@ -65,9 +68,26 @@ pub struct MqttConfig {
     pub password_file: Option<PathBuf>,
     /// PEM file of the CA that signed the broker's certificate (required for `mqtts`).
     pub ca_file: Option<PathBuf>,
+    /// The MQTT client id; `None` is `capture-kiosk-{bay_id}` (see [`MqttConfig::client_id`]).
+    pub client_id: Option<String>,
+    /// PEM certificate (chain) the kiosk shows the broker (mutual TLS), with its key.
+    pub client_cert_file: Option<PathBuf>,
+    /// PEM private key of `client_cert_file`; owner-only permissions required.
+    pub client_key_file: Option<PathBuf>,
     /// How often `state` is published when nothing changes.
     pub heartbeat: Duration,
 }
+
+impl MqttConfig {
+    /// The client id the bay connects with: stable across restarts, so that the broker keeps
+    /// its session (subscriptions and the commands queued while it was away).
+    pub fn client_id(&self, bay_id: &str) -> String {
+        self.client_id.clone().unwrap_or_else(|| format!("capture-kiosk-{bay_id}"))
+    }
+}
+
+/// Longest client id accepted (AWS IoT Core's limit; Mosquitto, EMQX and HiveMQ take more).
+pub const MAX_MQTT_CLIENT_ID: usize = 128;
 
 /// `[cloud]`: where and as whom the kiosk uploads.
 #[derive(Debug, Clone)]
@@ -203,6 +223,14 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
             fix: "the kiosk cannot sign requests without it".to_owned(),
         })?;
     }
+    if let Some(key) = config.mqtt.as_ref().and_then(|m| m.client_key_file.as_deref()) {
+        crate::upload::credentials::load_secret(Some(key), None).map_err(|e| ConfigError::Invalid {
+            path: path.display().to_string(),
+            key: "mqtt.client_key_file".to_owned(),
+            problem: e.to_string(),
+            fix: "the kiosk cannot show the broker its certificate without it".to_owned(),
+        })?;
+    }
     for (i, camera) in config.cameras.iter().enumerate() {
         crate::capture::check_files(camera).map_err(|(key, problem)| ConfigError::Invalid {
             path: path.display().to_string(),
@@ -332,6 +360,9 @@ struct RawMqtt {
     username: Option<String>,
     password_file: Option<PathBuf>,
     ca_file: Option<PathBuf>,
+    client_id: Option<String>,
+    client_cert_file: Option<PathBuf>,
+    client_key_file: Option<PathBuf>,
     #[serde(default = "default_heartbeat")]
     heartbeat: String,
 }
@@ -1053,6 +1084,42 @@ impl RawMqtt {
         if self.password_file.is_some() && self.username.is_none() {
             return Err(invalid("mqtt.password_file", "is set without a username", "set mqtt.username too"));
         }
+        if let Some(id) = &self.client_id {
+            let ok = !id.is_empty()
+                && id.len() <= MAX_MQTT_CLIENT_ID
+                && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'));
+            if !ok {
+                return Err(invalid(
+                    "mqtt.client_id",
+                    format!("{id:?} is not a client id every broker takes"),
+                    format!("use 1-{MAX_MQTT_CLIENT_ID} of A-Z a-z 0-9 - _ . : (one per bay: a second client with the same id takes the session over), or leave it out for capture-kiosk-{{bay_id}}"),
+                ));
+            }
+        }
+        match (&self.client_cert_file, &self.client_key_file) {
+            (Some(_), None) => {
+                return Err(invalid(
+                    "mqtt.client_key_file",
+                    "is missing while client_cert_file is set",
+                    "set it to the PEM private key of the client certificate",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "mqtt.client_cert_file",
+                    "is missing while client_key_file is set",
+                    "set it to the PEM client certificate that goes with the key",
+                ))
+            }
+            (Some(_), Some(_)) if !tls => {
+                return Err(invalid(
+                    "mqtt.client_cert_file",
+                    "is only used with mqtts://",
+                    "remove it or use an mqtts:// URL",
+                ))
+            }
+            _ => {}
+        }
         let heartbeat = duration("mqtt.heartbeat", &self.heartbeat)?;
         if heartbeat < Duration::from_secs(1) || heartbeat > Duration::from_secs(3600) {
             return Err(invalid(
@@ -1069,6 +1136,9 @@ impl RawMqtt {
             username: self.username,
             password_file: self.password_file,
             ca_file: self.ca_file,
+            client_id: self.client_id,
+            client_cert_file: self.client_cert_file,
+            client_key_file: self.client_key_file,
             heartbeat,
         })
     }
@@ -1159,6 +1229,40 @@ angles = ["Rear", "Rear_Left", "Rear_Right", "VIN"]
         );
         check_refused(&with("url = \"mqtt://b\"\nheartbeat = \"0s\""), Some("mqtt.heartbeat"), &["1s to 1h"]);
         check_refused(&with("url = \"mqtt://b\"\nqos = 2"), None, &["qos"]);
+        let m = parse(&with("url = \"mqtt://b\""), "t").unwrap().mqtt.unwrap();
+        assert_eq!(m.client_id("bay-07"), "capture-kiosk-bay-07");
+        let m =
+            parse(&with("url = \"mqtt://b\"\nclient_id = \"acme:bay-07.east\""), "t").unwrap().mqtt.unwrap();
+        assert_eq!(m.client_id("bay-07"), "acme:bay-07.east");
+        for bad in ["\"\"", "\"bay 07\"", "\"bay/07\"", "\"bay#\"", &format!("\"{}\"", "x".repeat(129))] {
+            check_refused(
+                &with(&format!("url = \"mqtt://b\"\nclient_id = {bad}")),
+                Some("mqtt.client_id"),
+                &["client id", "capture-kiosk-{bay_id}"],
+            );
+        }
+        let tls = "url = \"mqtts://b\"\nca_file = \"/ca.pem\"";
+        let m =
+            parse(&with(&format!("{tls}\nclient_cert_file = \"/c.pem\"\nclient_key_file = \"/c.key\"")), "t")
+                .unwrap()
+                .mqtt
+                .unwrap();
+        assert_eq!(m.client_key_file.as_deref(), Some(Path::new("/c.key")));
+        check_refused(
+            &with(&format!("{tls}\nclient_cert_file = \"/c.pem\"")),
+            Some("mqtt.client_key_file"),
+            &["private key"],
+        );
+        check_refused(
+            &with(&format!("{tls}\nclient_key_file = \"/c.key\"")),
+            Some("mqtt.client_cert_file"),
+            &["client certificate"],
+        );
+        check_refused(
+            &with("url = \"mqtt://b\"\nclient_cert_file = \"/c.pem\"\nclient_key_file = \"/c.key\""),
+            Some("mqtt.client_cert_file"),
+            &["mqtts://"],
+        );
         let shown = parse(&with("url = \"mqtt://u:hunter2@b\""), "t").unwrap_err().to_string();
         assert!(!shown.contains("hunter2"), "{shown}");
     }

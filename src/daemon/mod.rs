@@ -217,6 +217,7 @@ pub fn start(config: Config, deps: Deps) -> anyhow::Result<Daemon> {
         last_prune: None,
         oversized: None,
         recoveries_announced: false,
+        link_alerts: Default::default(),
     };
     supervisor.recall_answers();
     supervisor.publish_state(true);
@@ -300,6 +301,9 @@ struct Supervisor {
     oversized: Option<usize>,
     /// Whether this start already sent `buffer_recovered` for the unacknowledged salvages.
     recoveries_announced: bool,
+    /// What the MQTT link says a person must act on (a refused subscription, a client id in
+    /// use twice), by kind.
+    link_alerts: std::collections::BTreeMap<&'static str, String>,
 }
 
 impl Supervisor {
@@ -332,6 +336,14 @@ impl Supervisor {
             }
             Event::Mqtt(LinkEvent::Oversized { bytes }) => self.oversized = Some(bytes),
             Event::Mqtt(LinkEvent::Disconnected { .. }) => {}
+            Event::Mqtt(LinkEvent::Alert { kind, reason }) => {
+                self.link_alerts.insert(kind, reason);
+                self.publish_state(false);
+            }
+            Event::Mqtt(LinkEvent::AlertCleared { kind }) => {
+                self.link_alerts.remove(kind);
+                self.publish_state(false);
+            }
             Event::Mqtt(LinkEvent::Command(incoming)) => self.command(incoming),
             Event::Capture(progress) => self.capture_progress(progress),
             Event::CaptureDone { command_id, result } => self.capture_done(command_id, result),
@@ -792,6 +804,9 @@ impl Supervisor {
             alerts.push(json!({"type": "buffer_damaged", "reason": reason}));
         }
         drop(store);
+        for (kind, reason) in &self.link_alerts {
+            alerts.push(json!({"type": kind, "reason": reason}));
+        }
         let buffer = match &totals {
             Ok(t) => json!({
                 "inspections": t.inspections, "images": t.images, "bytes": t.bytes,

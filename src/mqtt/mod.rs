@@ -7,6 +7,15 @@
 //! dropped, counted, when it is full or the broker is away. Two threads do the I/O: one drives
 //! the connection (reconnecting with a capped, jittered backoff, since rumqttc would retry in a
 //! hot loop), the other moves the outbox to rumqttc with `try_publish`.
+//!
+//! The session is persistent: the client id is stable (`capture-kiosk-{bay_id}` unless
+//! configured) and the clean-session flag is off (MQTT 3.1.1), so the broker keeps the
+//! subscription and queues the QoS 1 commands sent while the bay is away, and delivers them when
+//! it connects again; a command's `expires_at` keeps a late one from running. A second client
+//! with the same id throws the bay off the broker: [`takeover::TakeoverWatch`] notices the
+//! pattern and slows reconnecting down instead of fighting for the session forever.
+
+pub mod takeover;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -14,6 +23,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rumqttc::{Client, Connection, Event, LastWill, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+use takeover::{Loss, TakeoverWatch};
 
 use crate::config::MqttConfig;
 
@@ -93,7 +103,21 @@ pub enum LinkEvent {
         bytes: usize,
     },
     Command(Incoming),
+    /// Something a person must act on (`kind` is one of the `ALERT_*` names): it belongs in
+    /// `state.alerts` until [`LinkEvent::AlertCleared`].
+    Alert {
+        kind: &'static str,
+        reason: String,
+    },
+    AlertCleared {
+        kind: &'static str,
+    },
 }
+
+/// Alert: another client keeps taking the bay's session over (the same client id).
+pub const ALERT_CLIENT_ID_IN_USE: &str = "mqtt_client_id_in_use";
+/// Alert: the broker refused the subscription to the bay's commands (its ACL).
+pub const ALERT_SUBSCRIPTION_REFUSED: &str = "mqtt_subscription_refused";
 
 /// Why the link could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +131,13 @@ pub enum LinkError {
         "mqtt password {path}: {reason}; make it a file readable by the kiosk holding only the password"
     )]
     Password { path: String, reason: String },
+    /// The client certificate or its key (`mqtt.client_cert_file`, `client_key_file`) could not
+    /// be used. A retry after fixing the file helps.
+    #[error("{key} {path}: {reason}; {fix}")]
+    ClientCert { key: &'static str, path: String, reason: String, fix: &'static str },
+    /// A thread of the link could not be started (the system is out of resources).
+    #[error("the MQTT link's threads cannot be started: {reason}")]
+    Thread { reason: String },
 }
 
 /// Delay before reconnect attempt `attempt` (0 after the first failure): exponential from
@@ -132,6 +163,9 @@ struct Shared {
     stopping: AtomicBool,
     dropped: AtomicU64,
     client: Client,
+    client_id: String,
+    /// `host:port`, for messages.
+    broker: String,
 }
 
 #[derive(Default)]
@@ -154,10 +188,11 @@ impl Link {
         on_event: Box<dyn Fn(LinkEvent) + Send>,
     ) -> Result<Link, LinkError> {
         let topics = Topics::new(&config.topic_prefix, bay_id);
-        let client_id = format!("capture-kiosk-{}-{:08x}", bay_id, fastrand::u32(..));
-        let mut options = MqttOptions::new(client_id, config.host.clone(), config.port);
+        let client_id = config.client_id(bay_id);
+        let mut options = MqttOptions::new(client_id.clone(), config.host.clone(), config.port);
         options.set_keep_alive(Duration::from_secs(10));
-        options.set_clean_session(true);
+        // A persistent session: what is sent to the bay while it is away waits at the broker.
+        options.set_clean_session(false);
         options.set_max_packet_size(MAX_INCOMING_PACKET, MAX_OUTGOING_PACKET);
         options.set_last_will(LastWill::new(topics.status(), "offline", QoS::AtLeastOnce, true));
         if let Some(user) = &config.username {
@@ -174,6 +209,8 @@ impl Link {
             stopping: AtomicBool::new(false),
             dropped: AtomicU64::new(0),
             client,
+            client_id,
+            broker: format!("{}:{}", config.host, config.port),
         });
         let link = Link { shared, topics };
         {
@@ -181,14 +218,14 @@ impl Link {
             std::thread::Builder::new()
                 .name("mqtt-connection".to_owned())
                 .spawn(move || link.drive(connection, on_event))
-                .map_err(|e| LinkError::Ca { path: "-".into(), reason: e.to_string() })?;
+                .map_err(|e| LinkError::Thread { reason: e.to_string() })?;
         }
         {
             let link = link.clone();
             std::thread::Builder::new()
                 .name("mqtt-publish".to_owned())
                 .spawn(move || link.publish_loop())
-                .map_err(|e| LinkError::Ca { path: "-".into(), reason: e.to_string() })?;
+                .map_err(|e| LinkError::Thread { reason: e.to_string() })?;
         }
         Ok(link)
     }
@@ -259,10 +296,34 @@ impl Link {
     /// The connection thread: polls rumqttc, backs off on errors, re-subscribes on ConnAck.
     fn drive(&self, mut connection: Connection, on_event: Box<dyn Fn(LinkEvent) + Send>) {
         let mut failures = 0u32;
-        for notification in connection.iter() {
+        let epoch = Instant::now();
+        let mut watch = TakeoverWatch::default();
+        let mut subscription_refused = false;
+        // The reason of the last failed attempt that was logged, so that a broker refusing the
+        // same way every 30 s says it once at WARN.
+        let mut last_reason = String::new();
+        let broker = self.shared.broker.as_str();
+        let client_id = self.shared.client_id.as_str();
+        // An oversized message stays queued in the persistent session and would come back at
+        // every reconnect: the next connection is a clean one that discards it, and is dropped
+        // at once for a persistent one again.
+        let mut discard_session = false;
+        while let Ok(notification) = connection.recv() {
+            if notification.is_ok() && watch.still_connected(epoch.elapsed()) {
+                log::info!(broker = broker, client_id = client_id; "MQTT session held long enough; no other client seems to use this client id any more");
+                on_event(LinkEvent::AlertCleared { kind: ALERT_CLIENT_ID_IN_USE });
+            }
             match notification {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                Ok(Event::Incoming(Packet::ConnAck(_))) if discard_session => {
+                    discard_session = false;
+                    connection.eventloop.mqtt_options.set_clean_session(false);
+                    connection.eventloop.clean();
+                    log::info!(broker = broker, client_id = client_id; "MQTT session with the oversized message discarded; connecting again with a persistent one");
+                }
+                Ok(Event::Incoming(Packet::ConnAck(connack))) => {
                     failures = 0;
+                    last_reason.clear();
+                    watch.connected(epoch.elapsed());
                     let _ = self.shared.client.try_subscribe(self.topics.commands(), QoS::AtLeastOnce);
                     {
                         // Events and acks queued before a loss stay queued and go out now.
@@ -274,8 +335,28 @@ impl Link {
                     }
                     self.shared.connected.store(true, Ordering::SeqCst);
                     self.shared.wake.notify_all();
-                    log::info!(topic = self.topics.status().as_str(); "MQTT broker connected");
+                    log::info!(broker = broker, client_id = client_id, session_present = connack.session_present, topic = self.topics.status().as_str(); "MQTT broker connected");
                     on_event(LinkEvent::Connected);
+                }
+                Ok(Event::Incoming(Packet::SubAck(suback))) => {
+                    let refused = suback
+                        .return_codes
+                        .iter()
+                        .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure));
+                    if refused && !subscription_refused {
+                        log::error!(broker = broker, client_id = client_id, topic = self.topics.commands().as_str(); "MQTT broker refused the subscription to the bay's commands; check the broker's ACL for this bay's user");
+                        on_event(LinkEvent::Alert {
+                            kind: ALERT_SUBSCRIPTION_REFUSED,
+                            reason: format!(
+                                "the broker {broker} refused the subscription to {}: no command reaches this bay; let this bay's user read its cmd/+ topics in the broker's ACL",
+                                self.topics.commands()
+                            ),
+                        });
+                    } else if !refused && subscription_refused {
+                        log::info!(broker = broker, topic = self.topics.commands().as_str(); "MQTT broker accepted the subscription to the bay's commands");
+                        on_event(LinkEvent::AlertCleared { kind: ALERT_SUBSCRIPTION_REFUSED });
+                    }
+                    subscription_refused = refused;
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let Some(name) = self.topics.command_name(&p.topic) else { continue };
@@ -303,14 +384,48 @@ impl Link {
                     if let Some(bytes) = oversized(&e) {
                         log::warn!(bytes = bytes, limit = MAX_READ_PAYLOAD; "MQTT message over the size the kiosk reads; the connection is made again (set the broker's message_size_limit to refuse such messages)");
                         on_event(LinkEvent::Oversized { bytes });
+                        discard_session = true;
+                        connection.eventloop.mqtt_options.set_clean_session(true);
                     }
                     if was {
-                        log::warn!(reason = reason.as_str(); "MQTT broker connection lost");
+                        log::warn!(broker = broker, reason = reason.as_str(); "MQTT broker connection lost");
                         on_event(LinkEvent::Disconnected { reason: reason.clone() });
                     }
-                    let delay = reconnect_delay(failures, fastrand::f64());
-                    failures = failures.saturating_add(1);
-                    log::debug!(reason = reason.as_str(), retry_in_ms = delay.as_millis() as u64; "MQTT connection attempt failed");
+                    let loss = if was { watch.lost(epoch.elapsed()) } else { Loss::Ordinary };
+                    let delay = match loss {
+                        Loss::Ordinary => {
+                            let delay = reconnect_delay(failures, fastrand::f64());
+                            failures = failures.saturating_add(1);
+                            delay
+                        }
+                        Loss::NowSuspected | Loss::StillSuspected => {
+                            TakeoverWatch::suspected_retry(fastrand::f64())
+                        }
+                    };
+                    if loss == Loss::NowSuspected {
+                        log::error!(broker = broker, client_id = client_id, retry_in_s = delay.as_secs(); "MQTT session taken over again and again right after connecting: another client uses this client id (a second kiosk with the same bay_id?); reconnecting only every few minutes until it is gone");
+                        on_event(LinkEvent::Alert {
+                            kind: ALERT_CLIENT_ID_IN_USE,
+                            reason: format!(
+                                "another client keeps taking over the MQTT session of client id {client_id} at {broker} (a second kiosk with the same bay_id?); this bay reconnects only every few minutes: stop the other one or give it its own bay_id"
+                            ),
+                        });
+                    }
+                    if !was {
+                        if reason != last_reason {
+                            match refusal_hint(&reason) {
+                                Some(hint) => {
+                                    log::warn!(broker = broker, reason = reason.as_str(), hint = hint, retry_in_ms = delay.as_millis() as u64; "MQTT broker connection refused; retrying")
+                                }
+                                None => {
+                                    log::warn!(broker = broker, reason = reason.as_str(), retry_in_ms = delay.as_millis() as u64; "MQTT broker connection attempt failed; retrying")
+                                }
+                            }
+                            last_reason = reason;
+                        } else {
+                            log::debug!(broker = broker, reason = reason.as_str(), retry_in_ms = delay.as_millis() as u64; "MQTT connection attempt failed");
+                        }
+                    }
                     std::thread::sleep(delay);
                 }
             }
@@ -381,6 +496,28 @@ fn oversized(e: &rumqttc::ConnectionError) -> Option<usize> {
     }
 }
 
+/// What a person should check for a connection refused with `reason` (rumqttc's and rustls'
+/// words), when the reason is a known one.
+pub fn refusal_hint(reason: &str) -> Option<&'static str> {
+    const HINTS: &[(&str, &str)] = &[
+        ("UnknownIssuer", "the broker's certificate is not signed by the CA in mqtt.ca_file"),
+        ("expired", "the broker's certificate has expired (or the bay's clock is wrong)"),
+        ("Expired", "the broker's certificate has expired (or the bay's clock is wrong)"),
+        ("not valid for name", "the broker's certificate does not name the host in mqtt.url"),
+        ("NotValidForName", "the broker's certificate does not name the host in mqtt.url"),
+        (
+            "CertificateRequired",
+            "the broker requires a client certificate: set mqtt.client_cert_file and client_key_file",
+        ),
+        ("UnknownCA", "the broker does not trust the client certificate's CA"),
+        ("BadCertificate", "the broker refused the client certificate"),
+        ("NotAuthorized", "the broker refused the user name, password or certificate"),
+        ("BadUserNamePassword", "the broker refused the user name or password"),
+        ("Connection refused", "nothing listens at the broker's address"),
+    ];
+    HINTS.iter().find(|(words, _)| reason.contains(words)).map(|(_, hint)| *hint)
+}
+
 fn password(config: &MqttConfig) -> Result<Option<String>, LinkError> {
     let path = match &config.password_file {
         Some(p) => p.clone(),
@@ -412,12 +549,60 @@ fn tls_config(config: &MqttConfig) -> Result<TlsConfiguration, LinkError> {
         return Err(err("holds no certificate".into()));
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let client = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| err(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let client = match (&config.client_cert_file, &config.client_key_file) {
+        (Some(cert), Some(key)) => {
+            let (chain, key) = client_identity(cert, key)?;
+            builder.with_client_auth_cert(chain, key).map_err(|e| LinkError::ClientCert {
+                key: "mqtt.client_cert_file",
+                path: cert.display().to_string(),
+                reason: e.to_string(),
+                fix: "the certificate and client_key_file must be a pair",
+            })?
+        }
+        _ => builder.with_no_client_auth(),
+    };
     Ok(TlsConfiguration::Rustls(Arc::new(client)))
+}
+
+/// The client certificate chain and its key, for mutual TLS. The key file must be owner-only,
+/// like every secret of the kiosk.
+fn client_identity(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<
+    (Vec<rustls_pki_types::CertificateDer<'static>>, rustls_pki_types::PrivateKeyDer<'static>),
+    LinkError,
+> {
+    use rustls_pki_types::pem::PemObject;
+    let cert_err = |reason: String| LinkError::ClientCert {
+        key: "mqtt.client_cert_file",
+        path: cert.display().to_string(),
+        reason,
+        fix: "point it at the PEM certificate issued to this bay",
+    };
+    let chain = rustls_pki_types::CertificateDer::pem_file_iter(cert)
+        .map_err(|e| cert_err(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| cert_err(e.to_string()))?;
+    if chain.is_empty() {
+        return Err(cert_err("holds no certificate".into()));
+    }
+    let key_err = |reason: String| LinkError::ClientCert {
+        key: "mqtt.client_key_file",
+        path: key.display().to_string(),
+        reason,
+        fix: "point it at the PEM private key of client_cert_file, owned by the kiosk's user, mode 600",
+    };
+    // The same owner-only rule and reading as the cloud's secret; the text stays redacted.
+    let text =
+        crate::upload::credentials::load_secret(Some(key), None).map_err(|e| key_err(e.to_string()))?;
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(text.expose().as_bytes())
+        .map_err(|e| key_err(format!("holds no usable private key ({e})")))?;
+    Ok((chain, key))
 }
 
 impl std::fmt::Debug for Link {
@@ -440,6 +625,27 @@ mod tests {
             assert!(reconnect_delay(attempt, 0.0) >= Duration::from_millis(100));
             assert!(reconnect_delay(attempt, 0.5) <= Duration::from_secs(15));
         }
+    }
+
+    #[test]
+    fn refusals_get_a_hint_a_person_can_act_on() {
+        let check = |reason: &str, words: Option<&str>| {
+            let hint = refusal_hint(reason);
+            match words {
+                Some(w) => assert!(hint.is_some_and(|h| h.contains(w)), "{reason}: {hint:?}"),
+                None => assert_eq!(hint, None, "{reason}"),
+            }
+        };
+        check("TLS: I/O: invalid peer certificate: UnknownIssuer", Some("mqtt.ca_file"));
+        check("TLS: I/O: invalid peer certificate: certificate expired: verification time 1, but certificate is not valid after 0", Some("expired"));
+        check(
+            "TLS: I/O: invalid peer certificate: certificate not valid for name \"127.0.0.1\"",
+            Some("mqtt.url"),
+        );
+        check("I/O: received fatal alert: CertificateRequired", Some("client_cert_file"));
+        check("Connection refused, return code: `NotAuthorized`", Some("user name"));
+        check("I/O: Connection refused (os error 111)", Some("nothing listens"));
+        check("Network timeout", None);
     }
 
     #[test]

@@ -209,3 +209,300 @@ pub fn mosquitto(dir: &Path, settings: &str) -> (u16, std::process::Child) {
     }
     (port, child)
 }
+
+/// A free port on 127.0.0.1 (for a broker started, stopped and started again on it).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Starts Mosquitto with exactly `conf` (a whole mosquitto.conf, written in `dir`) and waits
+/// until `port` listens. Its log goes to `dir/mosquitto.log`. Killed when dropped.
+pub fn mosquitto_conf(dir: &Path, conf: &str, port: u16) -> Mosquitto {
+    use std::net::TcpStream;
+    use std::time::Instant;
+    let path = dir.join("mosquitto.conf");
+    let log = dir.join("mosquitto.log");
+    // As root, Mosquitto would drop to its own user, which cannot write in a private temp dir.
+    std::fs::write(&path, format!("user root\n{conf}\nlog_dest file {}\nlog_type all\n", log.display()))
+        .unwrap();
+    let mut child = std::process::Command::new("mosquitto")
+        .arg("-c")
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("mosquitto must be installed (scripts/setup-debian)");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("mosquitto exited ({status}): {}", std::fs::read_to_string(&log).unwrap_or_default());
+        }
+        assert!(Instant::now() < deadline, "mosquitto did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Mosquitto(child)
+}
+
+/// A Mosquitto process, killed (and reaped) when dropped.
+pub struct Mosquitto(pub std::process::Child);
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The daemon binary run with a configuration file, its stderr (the log) collected; killed
+/// when dropped.
+pub struct Kiosk {
+    pub child: std::process::Child,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Kiosk {
+    pub fn run(config: &Path) -> Kiosk {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_capture-kiosk"))
+            .args(["run", "--config"])
+            .arg(config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { return };
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        Kiosk { child, log }
+    }
+
+    /// The log so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits (up to `secs`) for a log line holding every one of `words`; returns it.
+    pub fn wait_log(&self, words: &[&str], secs: u64) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(line) = self.log().lines().find(|l| words.iter().all(|w| l.contains(w))) {
+                return line.to_owned();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no log line with {words:?} in {secs} s; the log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Kiosk {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A plain MQTT client for the tests: the operator, or an intruder logged in as some bay.
+pub struct Probe {
+    pub client: rumqttc::Client,
+    messages: std::sync::mpsc::Receiver<ProbeSeen>,
+    pub seen: Vec<ProbeSeen>,
+}
+
+/// What a [`Probe`] received.
+#[derive(Debug, Clone)]
+pub enum ProbeSeen {
+    Message {
+        topic: String,
+        payload: Vec<u8>,
+        retained: bool,
+    },
+    /// A SUBACK: whether each filter was granted.
+    SubAck(Vec<bool>),
+    /// The connection failed (or was refused) with this reason.
+    Lost(String),
+}
+
+impl Probe {
+    /// Connects to 127.0.0.1:`port` as `client_id`, with `login` (user, password) if given.
+    pub fn connect(port: u16, client_id: &str, login: Option<(&str, &str)>) -> Probe {
+        use rumqttc::{Event, MqttOptions, Packet, SubscribeReasonCode};
+        let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
+        options.set_keep_alive(Duration::from_secs(5));
+        if let Some((user, password)) = login {
+            options.set_credentials(user, password);
+        }
+        let (client, mut connection) = rumqttc::Client::new(options, 64);
+        let (tx, messages) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for event in connection.iter() {
+                let seen = match event {
+                    Ok(Event::Incoming(Packet::Publish(p))) => ProbeSeen::Message {
+                        topic: p.topic.clone(),
+                        payload: p.payload.to_vec(),
+                        retained: p.retain,
+                    },
+                    Ok(Event::Incoming(Packet::SubAck(s))) => ProbeSeen::SubAck(
+                        s.return_codes.iter().map(|c| matches!(c, SubscribeReasonCode::Success(_))).collect(),
+                    ),
+                    Ok(_) => continue,
+                    Err(e) => {
+                        let _ = tx.send(ProbeSeen::Lost(e.to_string()));
+                        return;
+                    }
+                };
+                if tx.send(seen).is_err() {
+                    return;
+                }
+            }
+        });
+        Probe { client, messages, seen: Vec::new() }
+    }
+
+    /// Subscribes to `filter` and returns whether the broker granted it.
+    pub fn subscribe(&mut self, filter: &str) -> bool {
+        self.client.subscribe(filter, rumqttc::QoS::AtLeastOnce).unwrap();
+        match self.next(|s| matches!(s, ProbeSeen::SubAck(_) | ProbeSeen::Lost(_))) {
+            ProbeSeen::SubAck(granted) => granted.iter().all(|g| *g),
+            other => panic!("no SUBACK for {filter}: {other:?}"),
+        }
+    }
+
+    pub fn publish(&self, topic: &str, payload: &str) {
+        self.client.publish(topic, rumqttc::QoS::AtLeastOnce, false, payload.as_bytes()).unwrap();
+    }
+
+    /// Waits (up to 30 s) for the first thing received from now on that `want` accepts.
+    pub fn next(&mut self, want: impl Fn(&ProbeSeen) -> bool) -> ProbeSeen {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.messages.recv_timeout(left) {
+                Ok(seen) => {
+                    self.seen.push(seen.clone());
+                    if want(&seen) {
+                        return seen;
+                    }
+                }
+                Err(_) => panic!("nothing as wanted arrived; seen: {:#?}", self.summary()),
+            }
+        }
+    }
+
+    /// Waits for a message on `topic` whose JSON payload `want` accepts.
+    pub fn json(&mut self, topic: &str, want: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let seen = self.next(|s| match s {
+            ProbeSeen::Message { topic: t, payload, .. } => {
+                t == topic && serde_json::from_slice(payload).is_ok_and(|v: serde_json::Value| want(&v))
+            }
+            _ => false,
+        });
+        match seen {
+            ProbeSeen::Message { payload, .. } => serde_json::from_slice(&payload).unwrap(),
+            _ => unreachable!(),
+        }
+    }
+
+    /// The first message on `topic` whose JSON payload `want` accepts, among those already
+    /// received or else the next ones.
+    pub fn json_any(&mut self, topic: &str, want: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        self.drain();
+        let found = self.seen.iter().find_map(|s| match s {
+            ProbeSeen::Message { topic: t, payload, .. } if t == topic => {
+                serde_json::from_slice(payload).ok().filter(|v: &serde_json::Value| want(v))
+            }
+            _ => None,
+        });
+        match found {
+            Some(v) => v,
+            None => self.json(topic, want),
+        }
+    }
+
+    /// Waits for the plain-text `text` on `topic`.
+    pub fn text(&mut self, topic: &str, text: &str) {
+        self.next(|s| matches!(s, ProbeSeen::Message { topic: t, payload, .. } if t == topic && payload == text.as_bytes()));
+    }
+
+    /// Like [`Probe::text`], but a message already received counts.
+    pub fn text_any(&mut self, topic: &str, text: &str) {
+        self.drain();
+        let is = |s: &ProbeSeen| matches!(s, ProbeSeen::Message { topic: t, payload, .. } if t == topic && payload == text.as_bytes());
+        if !self.seen.iter().any(is) {
+            self.next(is);
+        }
+    }
+
+    /// Reads what is already there, without waiting.
+    pub fn drain(&mut self) {
+        while let Ok(seen) = self.messages.try_recv() {
+            self.seen.push(seen);
+        }
+    }
+
+    /// Every message received so far on a topic starting with `prefix`.
+    pub fn messages_under(&self, prefix: &str) -> Vec<String> {
+        self.seen
+            .iter()
+            .filter_map(|s| match s {
+                ProbeSeen::Message { topic, payload, .. } if topic.starts_with(prefix) => {
+                    Some(format!("{topic} {}", String::from_utf8_lossy(payload)))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// What was received (without the many `state` messages), for failure messages.
+    pub fn summary(&self) -> Vec<String> {
+        self.seen
+            .iter()
+            .filter(|s| !matches!(s, ProbeSeen::Message { topic, .. } if topic.ends_with("/state")))
+            .map(|s| match s {
+                ProbeSeen::Message { topic, payload, retained } => {
+                    format!(
+                        "{topic} {}{}",
+                        String::from_utf8_lossy(payload),
+                        if *retained { " (retained)" } else { "" }
+                    )
+                }
+                other => format!("{other:?}"),
+            })
+            .collect()
+    }
+}
+
+/// A bay's configuration file in `dir` (state under `dir/state`): one synthetic camera for
+/// Front and Rear, and `mqtt` as the body of its `[mqtt]` section.
+pub fn bay_config(dir: &Path, bay_id: &str, mqtt: &str) -> PathBuf {
+    let path = dir.join("bay.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "bay_id = \"{bay_id}\"\nstate_dir = \"{}\"\n\n[inspection]\nangles = [\"Front\", \"Rear\"]\n\n[imaging]\nmax_long_edge = 320\n\n[[cameras]]\nid = \"cam\"\nsource = \"synthetic:320x240\"\nangles = [\"Front\", \"Rear\"]\n\n[mqtt]\nheartbeat = \"5s\"\n{mqtt}\n",
+            dir.join("state").display()
+        ),
+    )
+    .unwrap();
+    path
+}

@@ -1,0 +1,164 @@
+//! Telling a broker's session take-over apart from an ordinary lost connection, as pure
+//! decisions over monotonic time: two kiosks started with the same client id (the same
+//! `bay_id` by mistake) throw each other off the broker as soon as one connects, and would
+//! do so forever at the reconnect backoff's pace.
+//!
+//! MQTT 3.1.1 gives no reason when the broker closes a connection, so the watch goes by the
+//! pattern: [`SHORT_SESSIONS_TO_SUSPECT`] connections in a row lost within [`SHORT_SESSION`] of
+//! being accepted. From then on the kiosk reconnects only every few minutes after a loss
+//! ([`SUSPECTED_RETRY`], jittered), and says so, until a connection lasts [`STABLE_SESSION`].
+
+use std::time::Duration;
+
+/// A connection lost sooner than this after the broker accepted it counts as short.
+pub const SHORT_SESSION: Duration = Duration::from_secs(10);
+/// Short connections in a row that make the watch suspect another client with the same id.
+pub const SHORT_SESSIONS_TO_SUSPECT: u32 = 3;
+/// A connection that lasts this long clears the suspicion.
+pub const STABLE_SESSION: Duration = Duration::from_secs(30 * 60);
+/// The longest pause before reconnecting after a loss while suspected (at least half of it).
+pub const SUSPECTED_RETRY: Duration = Duration::from_secs(5 * 60);
+
+/// What a lost connection means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Loss {
+    /// An ordinary loss: reconnect with the usual backoff.
+    Ordinary,
+    /// This loss made the watch suspect a take-over: say so, then wait long.
+    NowSuspected,
+    /// Still suspected: wait long again.
+    StillSuspected,
+}
+
+/// The watch over one link's connections.
+#[derive(Debug, Clone, Default)]
+pub struct TakeoverWatch {
+    connected_at: Option<Duration>,
+    short_in_a_row: u32,
+    suspected: bool,
+}
+
+impl TakeoverWatch {
+    /// The broker accepted a connection at `now`.
+    pub fn connected(&mut self, now: Duration) {
+        self.connected_at = Some(now);
+    }
+
+    /// The connection is still up at `now`; `true` once, when it has lasted long enough to clear
+    /// the suspicion.
+    pub fn still_connected(&mut self, now: Duration) -> bool {
+        let lasted = self.connected_at.map(|at| now.saturating_sub(at));
+        if self.suspected && lasted.is_some_and(|l| l >= STABLE_SESSION) {
+            self.suspected = false;
+            self.short_in_a_row = 0;
+            return true;
+        }
+        false
+    }
+
+    /// The connection was lost at `now`.
+    pub fn lost(&mut self, now: Duration) -> Loss {
+        let Some(at) = self.connected_at.take() else { return Loss::Ordinary };
+        let lasted = now.saturating_sub(at);
+        if self.suspected {
+            if lasted >= STABLE_SESSION {
+                self.suspected = false;
+                self.short_in_a_row = 0;
+                return Loss::Ordinary;
+            }
+            return Loss::StillSuspected;
+        }
+        if lasted >= SHORT_SESSION {
+            self.short_in_a_row = 0;
+            return Loss::Ordinary;
+        }
+        self.short_in_a_row += 1;
+        if self.short_in_a_row >= SHORT_SESSIONS_TO_SUSPECT {
+            self.suspected = true;
+            return Loss::NowSuspected;
+        }
+        Loss::Ordinary
+    }
+
+    pub fn is_suspected(&self) -> bool {
+        self.suspected
+    }
+
+    /// The pause before reconnecting after a suspected loss, from `unit` (a number in 0..1).
+    pub fn suspected_retry(unit: f64) -> Duration {
+        SUSPECTED_RETRY.mul_f64(0.5 + 0.5 * unit.clamp(0.0, 1.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+    const MS: fn(u64) -> Duration = Duration::from_millis;
+
+    /// Runs `sessions` (connected at, lost at) through a fresh watch and returns the verdicts.
+    fn check(sessions: &[(Duration, Duration)], expected: &[Loss]) {
+        let mut watch = TakeoverWatch::default();
+        let got: Vec<Loss> = sessions
+            .iter()
+            .map(|&(up, down)| {
+                watch.connected(up);
+                watch.lost(down)
+            })
+            .collect();
+        assert_eq!(got, expected, "{sessions:?}");
+    }
+
+    #[test]
+    fn three_short_connections_in_a_row_are_a_take_over() {
+        use Loss::*;
+        // Flapping at the backoff's pace.
+        check(
+            &[(S(0), MS(300)), (MS(700), S(1)), (MS(1400), S(2)), (S(300), MS(300_400))],
+            &[Ordinary, Ordinary, NowSuspected, StillSuspected],
+        );
+        // A long connection between short ones resets the count.
+        check(
+            &[(S(0), S(1)), (S(2), S(3)), (S(4), S(60)), (S(61), S(62)), (S(63), S(64))],
+            &[Ordinary, Ordinary, Ordinary, Ordinary, Ordinary],
+        );
+        // A network that drops now and then is no take-over.
+        check(&[(S(0), S(600)), (S(601), S(1200)), (S(1201), S(1800))], &[Ordinary, Ordinary, Ordinary]);
+        // Once suspected, only a connection of STABLE_SESSION clears it.
+        check(
+            &[
+                (S(0), S(1)),
+                (S(2), S(3)),
+                (S(4), S(5)),
+                (S(300), S(900)),
+                (S(1000), S(1000) + STABLE_SESSION),
+            ],
+            &[Ordinary, Ordinary, NowSuspected, StillSuspected, Ordinary],
+        );
+    }
+
+    #[test]
+    fn a_stable_connection_clears_the_suspicion_once() {
+        let mut watch = TakeoverWatch::default();
+        for t in 0..3 {
+            watch.connected(S(t * 2));
+            watch.lost(S(t * 2 + 1));
+        }
+        assert!(watch.is_suspected());
+        watch.connected(S(100));
+        assert!(!watch.still_connected(S(100) + STABLE_SESSION - S(1)));
+        assert!(watch.still_connected(S(100) + STABLE_SESSION));
+        assert!(!watch.still_connected(S(100) + STABLE_SESSION + S(1)));
+        assert!(!watch.is_suspected());
+        assert_eq!(watch.lost(S(100) + STABLE_SESSION + S(2)), Loss::Ordinary);
+    }
+
+    #[test]
+    fn the_suspected_retry_is_minutes_and_jittered() {
+        assert_eq!(TakeoverWatch::suspected_retry(0.0), SUSPECTED_RETRY / 2);
+        assert_eq!(TakeoverWatch::suspected_retry(1.0), SUSPECTED_RETRY);
+        assert_eq!(TakeoverWatch::suspected_retry(7.0), SUSPECTED_RETRY);
+        assert!(TakeoverWatch::suspected_retry(0.5) > Duration::from_secs(60));
+    }
+}
