@@ -224,6 +224,21 @@ fn check(path: &Path, ack_recovery: bool) -> anyhow::Result<u8> {
         config.inspection.angles.iter().map(|a| a.as_str()).collect::<Vec<_>>().join(","),
         config.state_dir.display()
     );
+    if let Some(cloud) = &config.cloud {
+        // `load` has read the roots already; this only counts them for the installer.
+        let mut roots = match cloud.trust {
+            config::CloudTrust::Bundled => "the bundled roots".to_owned(),
+            config::CloudTrust::System => "the system's roots".to_owned(),
+            config::CloudTrust::Both => "the bundled and the system's roots".to_owned(),
+        };
+        if let Some(ca) = &cloud.ca_file {
+            roots.push_str(&format!(" and the certificates of {}", ca.display()));
+        }
+        if let Ok(n @ 1..) = crate::upload::client::check_trust(cloud) {
+            roots.push_str(&format!(" ({n} in all)"));
+        }
+        println!("cloud {}: its certificate is checked against {roots}", cloud.base_url);
+    }
     let buffer = crate::store::check_buffer(&config.state_dir)
         .with_context(|| format!("the buffer in {} cannot be checked", config.state_dir.display()))?;
     if !buffer.exists {

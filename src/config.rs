@@ -1372,6 +1372,25 @@ angles = ["Rear", "Rear_Left", "Rear_Right", "VIN"]
     }
 
     #[test]
+    fn the_cloud_trust_is_a_named_choice_and_ca_file_is_a_path() {
+        let cloud = "\n[cloud]\nbase_url = \"https://api.example.com\"\nusername = \"acme\"\napi_key = \"KEY\"\nclient_id = \"BAY-07\"\n";
+        let text = GOOD.to_owned() + cloud;
+        let c = parse(&text, "t").unwrap().cloud.unwrap();
+        assert_eq!((c.trust, c.ca_file), (CloudTrust::Bundled, None), "today's behaviour by default");
+        for (written, trust) in
+            [("bundled", CloudTrust::Bundled), ("system", CloudTrust::System), ("both", CloudTrust::Both)]
+        {
+            let c = parse(&format!("{text}trust = \"{written}\"\n"), "t").unwrap().cloud.unwrap();
+            assert_eq!(c.trust, trust);
+            assert_eq!(c.trust.as_str(), written);
+        }
+        let c = parse(&format!("{text}ca_file = \"/etc/ck/ca.pem\"\n"), "t").unwrap().cloud.unwrap();
+        assert_eq!(c.ca_file.as_deref(), Some(Path::new("/etc/ck/ca.pem")));
+        check_refused(&format!("{text}trust = \"mozilla\"\n"), Some("cloud.trust"), &["\"both\""]);
+        check_refused(&format!("{text}ca_file = \"\"\n"), Some("cloud.ca_file"), &["PEM"]);
+    }
+
+    #[test]
     fn camera_health_and_device_keys_are_checked_by_name() {
         let usb = GOOD.replace(
             "source = \"synthetic:4032x3024\"",

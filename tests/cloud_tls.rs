@@ -328,6 +328,12 @@ fn check_names_the_key_and_the_file_of_a_bad_ca_file() {
 
     let out = check(&quoted(&pki.ca));
     assert!(out.status.success(), "a good CA file passes: {}", text(&out));
+    assert!(
+        text(&out).contains("checked against the bundled roots and the certificates of")
+            && text(&out).contains("ca.pem"),
+        "check says what the cloud's certificate is checked against: {}",
+        text(&out)
+    );
 
     let missing = tmp.path().join("no-such-ca.pem");
     let out = check(&quoted(&missing));
