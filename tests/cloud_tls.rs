@@ -361,6 +361,25 @@ fn check_names_the_key_and_the_file_of_a_bad_ca_file() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("damaged.pem"), "{}", text(&out));
 
+    // A system store with nothing in it (the OpenSSL variables point at empty places).
+    let empty_file = tmp.path().join("empty-bundle.pem");
+    std::fs::write(&empty_file, "").unwrap();
+    let empty_dir = tmp.path().join("empty-certs");
+    std::fs::create_dir_all(&empty_dir).unwrap();
+    let config = bay_config(tmp.path(), "https://127.0.0.1:9", "trust = \"system\"\n");
+    let out = bin()
+        .env("SSL_CERT_FILE", &empty_file)
+        .env("SSL_CERT_DIR", &empty_dir)
+        .args(["check", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("cloud.trust") && text(&out).contains("system trust store holds no certificate"),
+        "{}",
+        text(&out)
+    );
+
     let out = check("trust = \"everything\"\n");
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("cloud.trust"), "{}", text(&out));
