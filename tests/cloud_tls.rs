@@ -1,7 +1,7 @@
 //! The cloud over HTTPS with a private CA: the stand-in serves TLS with a certificate the test
 //! makes with the `openssl` command line, and the kiosk trusts it only through `[cloud] ca_file`
-//! (or the system store, `trust = "system"`). Without the CA, or with a certificate for another
-//! name, the upload is refused with the host and the certificate problem named, and the images
+//! (or the system store, `trust = "system"`). Without the CA, with a certificate for another
+//! name or with an expired one, the upload is refused with the host and the certificate problem named, and the images
 //! stay buffered for a later pass.
 
 mod support;
@@ -90,6 +90,43 @@ fn pki(dir: &Path, san: &str) -> Pki {
         ],
     );
     Pki { ca: dir.join("ca.pem"), cert: dir.join("server.pem"), key: dir.join("server.key") }
+}
+
+/// A certificate for 127.0.0.1 from the CA of `pki` that expired years ago (`openssl ca` sets
+/// the dates); returns it and its key.
+fn expired(dir: &Path) -> (PathBuf, PathBuf) {
+    std::fs::write(dir.join("index.txt"), "").unwrap();
+    std::fs::write(dir.join("serial"), "1000\n").unwrap();
+    std::fs::write(
+        dir.join("ca.cnf"),
+        "[ca]\ndefault_ca = test\n[test]\ndatabase = index.txt\nnew_certs_dir = .\nserial = serial\n\
+         default_md = sha256\npolicy = any\ncopy_extensions = none\nx509_extensions = leaf\n\
+         [any]\ncommonName = supplied\n[leaf]\nbasicConstraints = CA:FALSE\n\
+         keyUsage = critical,digitalSignature\nextendedKeyUsage = serverAuth\nsubjectAltName = IP:127.0.0.1\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "ca",
+            "-batch",
+            "-config",
+            "ca.cnf",
+            "-cert",
+            "ca.pem",
+            "-keyfile",
+            "ca.key",
+            "-in",
+            "server.csr",
+            "-out",
+            "expired.pem",
+            "-startdate",
+            "20200101000000Z",
+            "-enddate",
+            "20200102000000Z",
+        ],
+    );
+    (dir.join("expired.pem"), dir.join("server.key"))
 }
 
 /// A stand-in serving HTTPS with the certificate of `pki`.
@@ -233,6 +270,24 @@ fn a_certificate_for_another_name_is_refused_naming_the_host_and_nothing_is_lost
     assert_eq!(standin.authenticate_calls(), 0);
     assert_eq!(bay.state(id), InspectionState::Captured);
     assert_eq!(bay.store.images(id).unwrap().len(), ANGLES.len());
+}
+
+#[test]
+fn an_expired_certificate_is_refused_naming_the_host_and_nothing_is_lost() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut pki = pki(tmp.path(), "IP:127.0.0.1");
+    (pki.cert, pki.key) = expired(tmp.path());
+    let standin = https_standin(&pki);
+    let mut bay = bay();
+    let id = captured(&mut bay.store, "CASE-TLS-4", &ANGLES, 40, SystemTime::now());
+    let (drained, events) = bay.drain(&bay.cloud(&standin, Some(&pki.ca)));
+    assert!(drained.completed.is_empty(), "{drained:?}");
+    let words = refusal_words(&drained, &events);
+    assert!(words.contains(&standin.addr().to_string()), "{words}");
+    assert!(words.contains("expired"), "{words}");
+    assert!(words.contains("or the kiosk's clock is wrong"), "{words}");
+    assert_eq!(standin.authenticate_calls(), 0);
+    assert_eq!(bay.state(id), InspectionState::Captured);
 }
 
 // --- The binary: `standin --tls-cert/--tls-key`, `check`, `trust = "system"` -----------------
