@@ -19,7 +19,7 @@ use crate::config::{self, ByteSize, Config};
 use crate::demo::{self, DemoOptions};
 use crate::imaging;
 use crate::inspection::{self, InspectionError, Progress, Request, Rig, Settings};
-use crate::standin::{StandIn, StandInConfig};
+use crate::standin::{StandIn, StandInConfig, StandInTls};
 use crate::store::{
     AngleQuality, InspectionId, InspectionState, InspectionSummary, PrunedRecord, Store, StoreError,
     UploadState,
@@ -141,6 +141,12 @@ pub enum Command {
         /// Lifetime of a session in seconds.
         #[arg(long, default_value_t = 3600)]
         session_ttl: u64,
+        /// Serve HTTPS with this PEM certificate (chain), for testing `[cloud] ca_file`.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The PEM private key of --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
     /// Run the kiosk: take `start` commands over MQTT, capture, upload in the background, report
     /// state; under systemd with `Type=notify`. SIGTERM stops it, SIGHUP reloads the config.
@@ -173,8 +179,18 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Upload { config, max_wait } => upload(&config, max_wait),
         Command::Queue { config, json, history } => queue(&config, json, history),
         Command::Cameras { config, preview_dir } => cameras(&config, preview_dir),
-        Command::Standin { port, username, api_key, api_secret_file, token_ttl, session_ttl } => {
-            standin(port, username, api_key, api_secret_file, token_ttl, session_ttl)
+        Command::Standin {
+            port,
+            username,
+            api_key,
+            api_secret_file,
+            token_ttl,
+            session_ttl,
+            tls_cert,
+            tls_key,
+        } => {
+            let tls = tls_cert.zip(tls_key).map(|(cert_file, key_file)| StandInTls { cert_file, key_file });
+            standin(port, username, api_key, api_secret_file, token_ttl, session_ttl, tls)
         }
         Command::Run { config } => run_daemon(&config),
         Command::Demo { frame, state_dir, mqtt } => run_demo(&frame, state_dir, mqtt),
@@ -208,6 +224,21 @@ fn check(path: &Path, ack_recovery: bool) -> anyhow::Result<u8> {
         config.inspection.angles.iter().map(|a| a.as_str()).collect::<Vec<_>>().join(","),
         config.state_dir.display()
     );
+    if let Some(cloud) = &config.cloud {
+        // `load` has read the roots already; this only counts them for the installer.
+        let mut roots = match cloud.trust {
+            config::CloudTrust::Bundled => "the bundled roots".to_owned(),
+            config::CloudTrust::System => "the system's roots".to_owned(),
+            config::CloudTrust::Both => "the bundled and the system's roots".to_owned(),
+        };
+        if let Some(ca) = &cloud.ca_file {
+            roots.push_str(&format!(" and the certificates of {}", ca.display()));
+        }
+        if let Ok(n @ 1..) = crate::upload::client::check_trust(cloud) {
+            roots.push_str(&format!(" ({n} in all)"));
+        }
+        println!("cloud {}: its certificate is checked against {roots}", cloud.base_url);
+    }
     let buffer = crate::store::check_buffer(&config.state_dir)
         .with_context(|| format!("the buffer in {} cannot be checked", config.state_dir.display()))?;
     if !buffer.exists {
@@ -779,6 +810,7 @@ fn standin(
     api_secret_file: Option<PathBuf>,
     token_ttl: u64,
     session_ttl: u64,
+    tls: Option<StandInTls>,
 ) -> anyhow::Result<u8> {
     let mut config = StandInConfig::default();
     let builtin_secret = api_secret_file.is_none();
@@ -793,6 +825,7 @@ fn standin(
     config.token_ttl = Duration::from_secs(token_ttl.max(1));
     config.session_ttl = Duration::from_secs(session_ttl.max(1));
     config.port = port;
+    config.tls = tls;
     let standin = StandIn::start(config, Arc::new(SystemClock::new()))
         .with_context(|| format!("the stand-in cannot listen on 127.0.0.1:{port}"))?;
     println!("stand-in cloud API listening on {}", standin.base_url());

@@ -106,6 +106,35 @@ pub struct CloudConfig {
     pub request_timeout: Duration,
     /// Refuse to sign while the clock is not known to be right (turn off only on benches).
     pub require_clock_sync: bool,
+    /// Which public roots the cloud's certificate may chain to.
+    pub trust: CloudTrust,
+    /// PEM certificates trusted besides [`CloudConfig::trust`]: a private CA, or the CA of a
+    /// TLS-inspecting proxy.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// `[cloud] trust`: the public roots the cloud's certificate may chain to. `ca_file` adds to
+/// whichever is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloudTrust {
+    /// The Mozilla roots built into the program (the default): the same on every bay, whatever
+    /// the image's `ca-certificates`.
+    Bundled,
+    /// The operating system's store (`/etc/ssl/certs`), where a site's IT adds its own CAs.
+    System,
+    /// Both of the above.
+    Both,
+}
+
+impl CloudTrust {
+    /// As written in the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloudTrust::Bundled => "bundled",
+            CloudTrust::System => "system",
+            CloudTrust::Both => "both",
+        }
+    }
 }
 
 impl CloudConfig {
@@ -221,6 +250,12 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
             key: "cloud.api_secret_file".to_owned(),
             problem: e.to_string(),
             fix: "the kiosk cannot sign requests without it".to_owned(),
+        })?;
+        crate::upload::client::check_trust(cloud).map_err(|e| ConfigError::Invalid {
+            path: path.display().to_string(),
+            key: e.key().to_owned(),
+            problem: e.to_string(),
+            fix: "the kiosk cannot check the cloud's certificate without it".to_owned(),
         })?;
     }
     if let Some(key) = config.mqtt.as_ref().and_then(|m| m.client_key_file.as_deref()) {
@@ -388,6 +423,13 @@ struct RawCloud {
     request_timeout: String,
     #[serde(default = "default_true")]
     require_clock_sync: bool,
+    #[serde(default = "default_trust")]
+    trust: String,
+    ca_file: Option<PathBuf>,
+}
+
+fn default_trust() -> String {
+    "bundled".to_owned()
 }
 
 fn default_request_bytes() -> String {
@@ -1008,7 +1050,28 @@ impl RawCloud {
                 "use 1s to 10min",
             ));
         }
+        let trust = match self.trust.trim() {
+            "bundled" => CloudTrust::Bundled,
+            "system" => CloudTrust::System,
+            "both" => CloudTrust::Both,
+            other => {
+                return Err(invalid(
+                    "cloud.trust",
+                    format!("{other:?} is not a trust choice"),
+                    "write \"bundled\" (the roots built in), \"system\" (the system's store) or \"both\"",
+                ))
+            }
+        };
+        if self.ca_file.as_deref().is_some_and(|p| p.as_os_str().is_empty()) {
+            return Err(invalid(
+                "cloud.ca_file",
+                "is empty",
+                "give the path of a PEM file of CA certificates, or remove the key",
+            ));
+        }
         Ok(CloudConfig {
+            trust,
+            ca_file: self.ca_file,
             base_url: url,
             username: self.username,
             api_key: self.api_key,
@@ -1410,6 +1473,25 @@ angles = ["Rear", "Rear_Left", "Rear_Right", "VIN"]
             Some("cloud.max_request_bytes"),
             &["64 MiB"],
         );
+    }
+
+    #[test]
+    fn the_cloud_trust_is_a_named_choice_and_ca_file_is_a_path() {
+        let cloud = "\n[cloud]\nbase_url = \"https://api.example.com\"\nusername = \"acme\"\napi_key = \"KEY\"\nclient_id = \"BAY-07\"\n";
+        let text = GOOD.to_owned() + cloud;
+        let c = parse(&text, "t").unwrap().cloud.unwrap();
+        assert_eq!((c.trust, c.ca_file), (CloudTrust::Bundled, None), "today's behaviour by default");
+        for (written, trust) in
+            [("bundled", CloudTrust::Bundled), ("system", CloudTrust::System), ("both", CloudTrust::Both)]
+        {
+            let c = parse(&format!("{text}trust = \"{written}\"\n"), "t").unwrap().cloud.unwrap();
+            assert_eq!(c.trust, trust);
+            assert_eq!(c.trust.as_str(), written);
+        }
+        let c = parse(&format!("{text}ca_file = \"/etc/ck/ca.pem\"\n"), "t").unwrap().cloud.unwrap();
+        assert_eq!(c.ca_file.as_deref(), Some(Path::new("/etc/ck/ca.pem")));
+        check_refused(&format!("{text}trust = \"mozilla\"\n"), Some("cloud.trust"), &["\"both\""]);
+        check_refused(&format!("{text}ca_file = \"\"\n"), Some("cloud.ca_file"), &["PEM"]);
     }
 
     #[test]

@@ -225,6 +225,8 @@ fn upload_leg(
             max_request_bytes: 32 << 20,
             request_timeout: std::time::Duration::from_secs(30),
             require_clock_sync: true,
+            trust: crate::config::CloudTrust::Bundled,
+            ca_file: None,
         };
         say(&format!("upload: the stand-in cloud API listens on {}", standin.base_url()));
         let mut store = Store::open(state_dir, caps, std::time::SystemTime::now())?;

@@ -2,13 +2,12 @@
 //! `Content-Length`, hand the request to the API rules, write the answer and close. Every byte
 //! read passes through the secret-leak scanner.
 
-use std::io::{self, Read};
-use std::net::TcpStream;
+use std::io;
 use std::time::Instant;
 
 use super::api::{self, Route};
 use super::faults::{Action, Phase};
-use super::http::{self, Head, HeadError, Response, HEAD_DEADLINE, IO_TIMEOUT, MAX_HEAD_BYTES};
+use super::http::{self, Head, HeadError, Response, Wire, HEAD_DEADLINE, IO_TIMEOUT, MAX_HEAD_BYTES};
 use super::multipart::find;
 use super::{FaultKind, Shared};
 
@@ -21,10 +20,10 @@ pub(crate) enum Ending {
 }
 
 /// Serves the one exchange of a connection.
-pub(crate) fn exchange(shared: &Shared, stream: &mut TcpStream) -> Ending {
-    let _ = stream.set_nodelay(true);
-    let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
-    let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
+pub(crate) fn exchange(shared: &Shared, stream: &mut dyn Wire) -> Ending {
+    let _ = stream.tcp().set_nodelay(true);
+    let _ = stream.tcp().set_read_timeout(Some(IO_TIMEOUT));
+    let _ = stream.tcp().set_write_timeout(Some(IO_TIMEOUT));
     let mut conn = Conn { stream, scanner: LeakScanner::new(shared.config.api_secret.as_bytes()) };
     let ending = conn.run(shared);
     shared.add_leaks(conn.scanner.take_new());
@@ -32,7 +31,7 @@ pub(crate) fn exchange(shared: &Shared, stream: &mut TcpStream) -> Ending {
 }
 
 struct Conn<'a> {
-    stream: &'a mut TcpStream,
+    stream: &'a mut dyn Wire,
     scanner: LeakScanner,
 }
 

@@ -191,8 +191,30 @@ impl Response {
     }
 }
 
+/// The byte stream of one exchange: plain TCP, or TLS over TCP.
+pub(crate) trait Wire: Read + Write {
+    /// The socket underneath, for timeouts and shutdown.
+    fn tcp(&self) -> &TcpStream;
+    /// No more writes (TLS sends its `close_notify` first), then FIN.
+    fn end_writes(&mut self);
+}
+
+impl Wire for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+
+    fn end_writes(&mut self) {
+        let _ = self.shutdown(Shutdown::Write);
+    }
+}
+
 /// Writes the whole response, with `Date` taken from the stand-in's clock.
-pub(crate) fn write_response(stream: &mut TcpStream, response: &Response, now: SystemTime) -> io::Result<()> {
+pub(crate) fn write_response<W: Write + ?Sized>(
+    stream: &mut W,
+    response: &Response,
+    now: SystemTime,
+) -> io::Result<()> {
     let body = serde_json::to_vec(&response.body).unwrap_or_else(|_| b"{}".to_vec());
     let mut head = format!(
         "HTTP/1.1 {} {}\r\nDate: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\nCache-Control: no-store\r\n",
@@ -215,16 +237,16 @@ pub(crate) fn write_response(stream: &mut TcpStream, response: &Response, now: S
 }
 
 /// `100 Continue`, for a client that sent `Expect: 100-continue` and whose body is wanted.
-pub(crate) fn write_continue(stream: &mut TcpStream) -> io::Result<()> {
+pub(crate) fn write_continue<W: Write + ?Sized>(stream: &mut W) -> io::Result<()> {
     stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
 }
 
 /// Ends the exchange politely: no more writes, then read and discard what the client still
 /// sends (bounded in time) so that closing does not reset a response it has not read yet.
 /// `sink` sees every discarded byte (the secret-leak scanner).
-pub(crate) fn close_gracefully(stream: &mut TcpStream, sink: &mut dyn FnMut(&[u8])) {
-    let _ = stream.shutdown(Shutdown::Write);
-    let _ = stream.set_read_timeout(Some(LINGER_IDLE));
+pub(crate) fn close_gracefully(stream: &mut dyn Wire, sink: &mut dyn FnMut(&[u8])) {
+    stream.end_writes();
+    let _ = stream.tcp().set_read_timeout(Some(LINGER_IDLE));
     let started = Instant::now();
     let mut buf = [0u8; 16 * 1024];
     while started.elapsed() < LINGER_TOTAL {

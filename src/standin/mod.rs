@@ -5,7 +5,9 @@
 //!
 //! The HTTP/1.1 server is written by hand on `std::net::TcpListener`, one thread per
 //! connection and one exchange per connection (`Connection: close`), so that a fault can stall,
-//! drop or reset a connection at any point. Every response carries a `Date` header from the
+//! drop or reset a connection at any point. With [`StandInConfig::tls`] it speaks HTTPS only
+//! (rustls, the given certificate and key), to test the kiosk's trust settings; a client that
+//! refuses the certificate ends the connection in the handshake, before any request. Every response carries a `Date` header from the
 //! stand-in's clock and a JSON body in the spec's shapes.
 //!
 //! Where the spec is silent the stand-in decides, strictly:
@@ -35,6 +37,7 @@ mod connection;
 mod faults;
 mod http;
 mod multipart;
+mod tls;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -48,6 +51,7 @@ use std::time::{Duration, SystemTime};
 use crate::clock::Clock;
 
 pub use api::expected_token;
+pub use tls::StandInTls;
 
 /// Connections served at once; more are answered `503` and closed.
 const MAX_CONNECTIONS: usize = 256;
@@ -67,6 +71,8 @@ pub struct StandInConfig {
     pub max_request_bytes: u64,
     /// Port on 127.0.0.1; 0 picks a free one.
     pub port: u16,
+    /// Serve HTTPS with this certificate and key instead of plain HTTP.
+    pub tls: Option<StandInTls>,
 }
 
 impl Default for StandInConfig {
@@ -80,6 +86,7 @@ impl Default for StandInConfig {
             session_ttl: Duration::from_secs(3600),
             max_request_bytes: 64 * 1024 * 1024,
             port: 0,
+            tls: None,
         }
     }
 }
@@ -95,6 +102,7 @@ impl fmt::Debug for StandInConfig {
             .field("session_ttl", &self.session_ttl)
             .field("max_request_bytes", &self.max_request_bytes)
             .field("port", &self.port)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -243,10 +251,12 @@ impl StandIn {
                 return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("stand-in {name} is empty")));
             }
         }
+        let tls = config.tls.as_ref().map(tls::server_config).transpose()?;
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, config.port))?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             config,
+            tls,
             clock,
             offset_secs: AtomicI64::new(0),
             state: Mutex::new(api::State::new()),
@@ -262,9 +272,10 @@ impl StandIn {
         Ok(StandIn { shared, addr, accept: Mutex::new(Some(accept)), stopped: AtomicBool::new(false) })
     }
 
-    /// `http://127.0.0.1:PORT`, without a trailing slash.
+    /// `http://127.0.0.1:PORT` (`https://` in TLS mode), without a trailing slash.
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.shared.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -444,6 +455,8 @@ pub fn serve(config: StandInConfig, clock: Arc<dyn Clock>) -> io::Result<()> {
 /// What the threads of one stand-in share.
 pub(crate) struct Shared {
     config: StandInConfig,
+    /// The HTTPS settings in TLS mode.
+    tls: Option<Arc<rustls::ServerConfig>>,
     clock: Arc<dyn Clock>,
     offset_secs: AtomicI64,
     state: Mutex<api::State>,
@@ -563,13 +576,30 @@ fn spawn_connection(shared: &Arc<Shared>, stream: TcpStream) {
     }
 }
 
-fn run_connection(shared: &Shared, id: u64, mut stream: TcpStream) {
-    let ending =
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| connection::exchange(shared, &mut stream)))
+fn run_connection(shared: &Shared, id: u64, stream: TcpStream) {
+    let guarded = |wire: &mut dyn http::Wire| {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| connection::exchange(shared, wire)))
             .unwrap_or_else(|_| {
                 log::error!("Stand-in connection handler panicked; closing the connection");
                 connection::Ending::Close
-            });
+            })
+    };
+    let (ending, stream) = match &shared.tls {
+        None => {
+            let mut stream = stream;
+            (guarded(&mut stream), stream)
+        }
+        Some(config) => match rustls::ServerConnection::new(Arc::clone(config)) {
+            Ok(conn) => {
+                let mut wire: tls::TlsStream = rustls::StreamOwned::new(conn, stream);
+                (guarded(&mut wire), wire.sock)
+            }
+            Err(e) => {
+                log::warn!(error = e.to_string().as_str(); "Stand-in could not start a TLS connection");
+                (connection::Ending::Close, stream)
+            }
+        },
+    };
     // Drop the shared handle first: a reset only happens when the last handle closes.
     lock(&shared.connections).open.remove(&id);
     match ending {

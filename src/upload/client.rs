@@ -3,11 +3,17 @@
 //! the server said as a [`Failure`] carrying the [`Verdict`], and it learns the server's clock
 //! from the `Date` header of every answer.
 //!
+//! Trust: the cloud's certificate must chain to the roots `[cloud] trust` names (the bundled
+//! Mozilla set by default, the system's store, or both) or to a certificate of `[cloud] ca_file`.
+//! A certificate refused is a network failure like any other: nothing is lost, the images wait
+//! in the buffer, and the message names the host and what was wrong with its certificate.
+//!
 //! Secrets: the API secret signs but never travels; the tokens travel only in the
 //! `Authorization` header of `/api/upload`. Neither is ever put in an error, a log line or a
 //! `Debug` output: [`Tokens`] redacts itself, and errors carry the server's `message` only.
 
 use std::fmt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +24,7 @@ use super::credentials::Secret;
 use super::policy::{classify, judge_clock, ClockTrust, Verdict};
 use super::signing::sign;
 use crate::clock::Clock;
-use crate::config::CloudConfig;
+use crate::config::{CloudConfig, CloudTrust};
 use crate::vehicle::PhotoLabel;
 
 /// The largest answer body read; the API's answers are small JSON documents.
@@ -131,15 +137,107 @@ struct Answer {
     body: Vec<u8>,
 }
 
+/// Why the roots the cloud's certificate is checked against could not be loaded. Retrying does
+/// not help: the configuration or the file must be fixed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TrustError {
+    /// `ca_file` is missing or cannot be read.
+    #[error("CA file {path} cannot be read: {reason}; point cloud.ca_file at the PEM file of the private CA (or of the TLS-inspecting proxy)")]
+    CaFileUnreadable { path: PathBuf, reason: String },
+    /// `ca_file` is not PEM, or a certificate in it is damaged.
+    #[error("CA file {path} is not valid PEM: {reason}; give the CA certificates in PEM (-----BEGIN CERTIFICATE-----)")]
+    CaFileNotPem { path: PathBuf, reason: String },
+    /// `ca_file` holds no certificate (a key alone, or nothing).
+    #[error("CA file {path} holds no certificate; give the PEM file of the CA that signed the cloud's certificate")]
+    CaFileEmpty { path: PathBuf },
+    /// `trust = "system"` but the system's store gave nothing.
+    #[error("the system trust store holds no certificate ({reason}); install the ca-certificates package or set cloud.trust = \"bundled\"")]
+    SystemStoreEmpty { reason: String },
+}
+
+impl TrustError {
+    /// The configuration key at fault.
+    pub fn key(&self) -> &'static str {
+        match self {
+            TrustError::SystemStoreEmpty { .. } => "cloud.trust",
+            _ => "cloud.ca_file",
+        }
+    }
+}
+
+/// Loads every root the configuration names, to tell `check` (and the daemon at start) about a
+/// bad `ca_file` or an empty system store before any upload is tried. Returns how many roots
+/// the cloud's certificate may chain to (0 for the bundled set alone, which needs no loading).
+pub fn check_trust(config: &CloudConfig) -> Result<usize, TrustError> {
+    match roots(config)? {
+        ureq::tls::RootCerts::Specific(certs) => Ok(certs.len()),
+        _ => Ok(0),
+    }
+}
+
+/// The roots of the cloud agent: the bundled set alone is ureq's own default; anything else is
+/// one explicit list.
+fn roots(config: &CloudConfig) -> Result<ureq::tls::RootCerts, TrustError> {
+    if config.trust == CloudTrust::Bundled && config.ca_file.is_none() {
+        return Ok(ureq::tls::RootCerts::WebPki);
+    }
+    let mut certs: Vec<ureq::tls::Certificate<'static>> = Vec::new();
+    if matches!(config.trust, CloudTrust::Bundled | CloudTrust::Both) {
+        certs.extend(
+            webpki_root_certs::TLS_SERVER_ROOT_CERTS.iter().map(|der| ureq::tls::Certificate::from_der(der)),
+        );
+    }
+    if matches!(config.trust, CloudTrust::System | CloudTrust::Both) {
+        let found = rustls_native_certs::load_native_certs();
+        if found.certs.is_empty() {
+            let reason = found
+                .errors
+                .first()
+                .map(|e| e.to_string())
+                .unwrap_or_else(|| "no certificate found in the usual places".to_owned());
+            return Err(TrustError::SystemStoreEmpty { reason });
+        }
+        for e in &found.errors {
+            log::warn!(error = e.to_string().as_str(); "Part of the system trust store could not be read");
+        }
+        certs.extend(found.certs.iter().map(|der| ureq::tls::Certificate::from_der(der).to_owned()));
+    }
+    if let Some(path) = &config.ca_file {
+        certs.extend(ca_file(path)?);
+    }
+    Ok(ureq::tls::RootCerts::Specific(Arc::new(certs)))
+}
+
+/// The certificates of a PEM file (other PEM items, such as a key, are skipped).
+fn ca_file(path: &Path) -> Result<Vec<ureq::tls::Certificate<'static>>, TrustError> {
+    let pem = std::fs::read(path)
+        .map_err(|e| TrustError::CaFileUnreadable { path: path.to_owned(), reason: e.to_string() })?;
+    let certs: Vec<_> = ureq::tls::parse_pem(&pem)
+        .filter_map(|item| match item {
+            Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c)),
+            Ok(_) => None,
+            Err(e) => Some(Err(e)),
+        })
+        .collect::<Result<_, _>>()
+        .map_err(|e| TrustError::CaFileNotPem { path: path.to_owned(), reason: e.to_string() })?;
+    if certs.is_empty() {
+        return Err(TrustError::CaFileEmpty { path: path.to_owned() });
+    }
+    Ok(certs)
+}
+
 impl Client {
-    pub fn new(config: &CloudConfig, secret: Secret, clock: Arc<dyn Clock>) -> Client {
+    /// Fails only when the roots cannot be loaded (see [`TrustError`]).
+    pub fn new(config: &CloudConfig, secret: Secret, clock: Arc<dyn Clock>) -> Result<Client, TrustError> {
+        let tls = ureq::tls::TlsConfig::builder().root_certs(roots(config)?).build();
         let agent = ureq::Agent::config_builder()
             .timeout_global(Some(config.request_timeout))
             .http_status_as_error(false)
             .user_agent(concat!("capture-kiosk/", env!("CARGO_PKG_VERSION")))
+            .tls_config(tls)
             .build()
             .into();
-        Client {
+        Ok(Client {
             base_url: config.base_url.trim_end_matches('/').to_owned(),
             username: config.username.clone(),
             api_key: config.api_key.clone(),
@@ -150,7 +248,7 @@ impl Client {
             clock_trust: ClockTrust::Unknown,
             request_timeout: config.request_timeout,
             alive: None,
-        }
+        })
     }
 
     /// Reports every request to `alive` (see [`Alive`]).
@@ -179,7 +277,7 @@ impl Client {
                 let _ = response.body_mut().with_config().limit(MAX_ANSWER_BYTES).read_to_vec();
                 Ok(self.clock_trust)
             }
-            Err(e) => Err(network_failure(what, &e)),
+            Err(e) => Err(network_failure(&self.base_url, what, &e)),
         };
         self.landed();
         result
@@ -327,7 +425,7 @@ impl Client {
         what: &str,
         signed: bool,
     ) -> Result<Answer, Failure> {
-        let mut response = sent.map_err(|e| network_failure(what, &e))?;
+        let mut response = sent.map_err(|e| network_failure(&self.base_url, what, &e))?;
         self.learn_clock(&response);
         let status = response.status().as_u16();
         let retry_after =
@@ -337,7 +435,7 @@ impl Client {
             .with_config()
             .limit(MAX_ANSWER_BYTES)
             .read_to_vec()
-            .map_err(|e| network_failure(what, &e))?;
+            .map_err(|e| network_failure(&self.base_url, what, &e))?;
         if (200..300).contains(&status) {
             return Ok(Answer { body });
         }
@@ -437,13 +535,40 @@ pub fn multipart(boundary: &str, session: &str, case_id: &str, parts: &[Part<'_>
 /// The bytes a request of these images adds to the body beyond the images themselves.
 pub const PART_OVERHEAD: u64 = 160;
 
-fn network_failure(what: &str, e: &ureq::Error) -> Failure {
-    let why = match e {
-        ureq::Error::Timeout(_) => "no answer before the request deadline (cloud.request_timeout)".to_owned(),
-        ureq::Error::Io(io) => format!("network error: {io}"),
-        other => format!("network error: {other}"),
+fn network_failure(base_url: &str, what: &str, e: &ureq::Error) -> Failure {
+    let tls = match e {
+        ureq::Error::Rustls(tls) => Some(tls),
+        ureq::Error::Io(io) => io.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()),
+        _ => None,
+    };
+    let why = match (e, tls) {
+        (_, Some(tls)) => tls_refusal(base_url, tls),
+        (ureq::Error::Timeout(_), None) => {
+            "no answer before the request deadline (cloud.request_timeout)".to_owned()
+        }
+        (ureq::Error::Io(io), None) => format!("network error: {io}"),
+        (other, None) => format!("network error: {other}"),
     };
     Failure { verdict: Verdict::Backoff, detail: format!("{what}: {why}"), missing: Vec::new() }
+}
+
+/// Words for a TLS failure with the cloud: the host, what was wrong, and where the fix lies.
+fn tls_refusal(base_url: &str, e: &rustls::Error) -> String {
+    let host = base_url.split_once("://").map_or(base_url, |(_, rest)| rest);
+    let fix = match e {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName)
+        | rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForNameContext { .. }) => {
+            "the certificate was issued for another name: check cloud.base_url"
+        }
+        rustls::Error::InvalidCertificate(
+            rustls::CertificateError::Expired | rustls::CertificateError::ExpiredContext { .. },
+        ) => "the certificate has expired, or the kiosk's clock is wrong",
+        rustls::Error::InvalidCertificate(_) => {
+            "behind a private CA or a TLS-inspecting proxy, set cloud.ca_file to its CA certificate"
+        }
+        _ => "check that cloud.base_url speaks HTTPS",
+    };
+    format!("the TLS connection to {host} was refused: {e}; {fix}")
 }
 
 fn malformed(what: &str, why: &str) -> Failure {

@@ -40,6 +40,9 @@ pub enum CredentialError {
         "no API secret: set [cloud] api_secret_file, or give the service a systemd credential named {name}"
     )]
     Missing { name: String },
+    /// The roots the cloud's certificate is checked against (`ca_file`, the system store).
+    #[error(transparent)]
+    Trust(#[from] super::client::TrustError),
 }
 
 /// The name of the systemd credential that holds the API secret.

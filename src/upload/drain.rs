@@ -13,10 +13,11 @@ use crate::clock::Clock;
 use crate::config::CloudConfig;
 use crate::store::{InspectionId, Store};
 
-/// Builds the uploader of a `[cloud]` section, loading the API secret.
+/// Builds the uploader of a `[cloud]` section, loading the API secret and the roots its
+/// certificate is checked against.
 pub fn uploader(config: &CloudConfig, clock: Arc<dyn Clock>) -> Result<Uploader, CredentialError> {
     let secret = config.secret()?;
-    let client = Client::new(config, secret, clock.clone());
+    let client = Client::new(config, secret, clock.clone())?;
     Ok(Uploader::new(client, config, clock))
 }
 

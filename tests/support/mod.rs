@@ -96,6 +96,8 @@ pub fn cloud(base_url: &str, secret: &Path) -> CloudConfig {
         max_request_bytes: 32 << 20,
         request_timeout: Duration::from_secs(10),
         require_clock_sync: true,
+        trust: capture_kiosk::config::CloudTrust::Bundled,
+        ca_file: None,
     }
 }
 
