@@ -246,3 +246,31 @@ fn reading_for_queue_creates_nothing_changes_nothing_and_sees_a_live_writer() {
     assert!(err.to_string().contains("migrates it"), "{err}");
     assert_eq!(files(&state), before, "not migrated");
 }
+
+#[test]
+fn a_buffer_closed_on_a_full_disk_opens_again_with_the_help_of_its_reserve() {
+    let Some(fs) = Tmpfs::mount(40 << 20, "a_buffer_closed_on_a_full_disk_opens_again…") else { return };
+    let state = fs.path().join("state");
+    let reserve = state.join("buffer.sqlite3.reserve");
+    let mut store = Store::open(&state, TIGHT, at(0)).unwrap();
+    let waiting = captured(&mut store, "WAITING", &FOUR, 300, at(1));
+    // The last connection's close removes the WAL and its index: the next open must make them.
+    drop(store);
+    assert!(!state.join("buffer.sqlite3-shm").exists(), "closed cleanly");
+    fs.fill("filler", 0);
+    assert!(fs.free() < 64 << 10, "the disk is full: {} bytes free", fs.free());
+
+    // The restart a power cut or a watchdog brings must not find the buffer unopenable.
+    let mut store = Store::open(&state, TIGHT, at(2)).expect("the buffer opens on a full disk");
+    assert!(!reserve.exists(), "the reserve gave the room for the WAL index");
+    assert_eq!(store.totals().unwrap().inspections, 1);
+    store.record_upload_attempt(waiting, Some("the cloud answered HTTP 503")).unwrap();
+
+    // Without a reserve to give, the refusal says the disk is full, not an I/O riddle.
+    drop(store);
+    assert!(!state.join("buffer.sqlite3-shm").exists(), "closed cleanly");
+    fs.fill("filler", 0);
+    let err = Store::open(&state, TIGHT, at(3)).unwrap_err();
+    assert!(matches!(err, StoreError::DiskFull { .. }), "{err:?}");
+    assert!(err.to_string().contains("buffer.sqlite3"), "{err}");
+}

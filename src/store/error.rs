@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use rusqlite::ErrorCode;
+use rusqlite::{ffi, ErrorCode};
 
 use super::{InspectionId, InspectionState, Refusal};
 use crate::vehicle::PhotoLabel;
@@ -179,8 +179,15 @@ impl StoreError {
 /// Sorts a SQLite failure on the buffer at `path` into the variant a person can act on.
 pub(crate) fn sqlite_error(path: &Path, source: rusqlite::Error) -> StoreError {
     let path = path.to_owned();
+    // SQLite makes the WAL index (`-shm`) by writing a byte into each of its pages; on a disk
+    // with no byte free that fails as an I/O error of the index's size, which is a full disk.
+    let index_not_allocated = matches!(
+        source,
+        rusqlite::Error::SqliteFailure(ffi::Error { extended_code: ffi::SQLITE_IOERR_SHMSIZE, .. }, _)
+    );
     match source.sqlite_error_code() {
         Some(ErrorCode::DiskFull) => StoreError::DiskFull { path },
+        Some(ErrorCode::SystemIoFailure) if index_not_allocated => StoreError::DiskFull { path },
         Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => StoreError::Locked { path, source },
         Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => {
             StoreError::Corrupt { path, detail: source.to_string() }
@@ -222,6 +229,7 @@ mod tests {
         check(ffi::SQLITE_READONLY, "Access", false);
         check(ffi::SQLITE_PERM, "Access", false);
         check(ffi::SQLITE_IOERR, "Sqlite", true);
+        check(ffi::SQLITE_IOERR_SHMSIZE, "DiskFull", true);
         check(ffi::SQLITE_MISMATCH, "Sqlite", false);
     }
 }
