@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use capture_kiosk::clock::SystemClock;
 use capture_kiosk::standin::StandIn;
@@ -181,9 +181,12 @@ fn inspect_killed_at_random_moments_strands_nothing_and_an_upload_delivers_every
     add_cloud(&config_path, &standin);
     let config = config_path.to_str().unwrap();
     let state = tmp.path().join("state");
-    // The first start makes the buffer (a kill mid-way through that is another test's).
+    // The first start makes the buffer (a kill mid-way through that is another test's). Its
+    // length sets the kills' moments, so that they land as well under qemu as on a fast PC.
+    let started = Instant::now();
     let out = run(&["inspect", "--config", config, "--no-upload", "--case-id", "FIRST"]);
     assert!(out.status.success(), "{}", text(&out));
+    let span = (started.elapsed().as_millis() as u64).max(60);
     // Kill `inspect` at random moments: during start-up, capture, resizing and commits. Each
     // next start (the next `inspect`, finally `upload`) finds what the kill left.
     let mut cut_with_images = Vec::new();
@@ -198,7 +201,7 @@ fn inspect_killed_at_random_moments_strands_nothing_and_an_upload_delivers_every
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(rng.u64(30..260)));
+        std::thread::sleep(Duration::from_millis(rng.u64(span / 8..span)));
         let _ = child.kill();
         let _ = child.wait();
         // `queue` only reads: a capture cut short shows as it was left (a build whose `queue`
