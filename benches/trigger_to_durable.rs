@@ -1,12 +1,16 @@
 //! Trigger-to-durable latency: the time from a trigger to every angle captured, checked,
-//! resized and committed, for 8 cameras × 12 MP, with synthetic cameras (frames ready in the
+//! resized and committed, for 8 cameras × 12 MP (goal: median at most 0.25 s on 2 CPUs), with
+//! the frames fetched from all cameras at once and developed by the imaging pool (one worker
+//! per CPU), with synthetic cameras (frames ready in the
 //! camera, as a streaming camera has them) and with HTTP snapshot cameras served on loopback.
 //! Also the imaging steps of one frame, to show where the time goes, with the quality gate's and
 //! the privacy masks' share of the per-frame imaging time (goal for the gate: at most 5 %).
 //! Every camera has the default quality thresholds and two masks (`bay_masks`), one black and
 //! one pixelated, as a bay that hides the next lane and a window would.
 //!
-//! `cargo bench --bench trigger_to_durable` (add `-- --runs N` for more runs).
+//! `cargo bench --bench trigger_to_durable` (add `-- --runs N` for more runs). Run without
+//! `--bench` (as `cargo test --all-targets` does) it makes one small pass: one run of 8 cameras
+//! at 1024x768.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
@@ -20,22 +24,25 @@ use capture_kiosk::inspection::{self, Request, Rig, Settings};
 use capture_kiosk::store::{Caps, Store};
 use capture_kiosk::vehicle::{CaseId, PhotoLabel};
 
-const WIDTH: u32 = 4032;
-const HEIGHT: u32 = 3024;
+/// The goal for the median, in seconds, on this 2-CPU machine.
+const GOAL: f64 = 0.25;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    // Without `--bench` (as `cargo test --all-targets` runs it) one small pass proves it works.
+    let full = args.iter().any(|a| a == "--bench");
+    let (width, height) = if full { (4032, 3024) } else { (1024, 768) };
     let runs = args
         .iter()
         .position(|a| a == "--runs")
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+        .unwrap_or(if full { 9 } else { 1 });
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let settings =
         Settings { capture_attempts: 3, resize: ResizeSpec { max_long_edge: 1920, jpeg_quality: 85 } };
     let angles = PhotoLabel::EXTERIOR.to_vec();
-    println!("trigger to durable, 8 cameras x {WIDTH}x{HEIGHT}, {cpus} CPUs, {runs} runs each, goal 0.8 s");
+    println!("trigger to durable, 8 cameras x {width}x{height}, {cpus} CPUs, {runs} runs each, goal median at most {GOAL} s");
 
     // Synthetic cameras: each has its frame rendered before the trigger.
     let synthetic: Vec<Duration> = (0..runs)
@@ -44,7 +51,7 @@ fn main() {
                 .iter()
                 .map(|a| {
                     let id = format!("syn-{}", a.as_str());
-                    let cam: Box<dyn Camera> = Box::new(SyntheticCamera::new(&id, WIDTH, HEIGHT));
+                    let cam: Box<dyn Camera> = Box::new(SyntheticCamera::new(&id, width, height));
                     (id, vec![*a], cam)
                 })
                 .collect();
@@ -53,14 +60,14 @@ fn main() {
             one_inspection(&mut rig, &settings, &angles, run)
         })
         .collect();
-    report("synthetic cameras", &synthetic);
+    report("synthetic cameras", &synthetic, full);
 
     // HTTP snapshot cameras: one commissioning snapshot camera per angle on 127.0.0.1, 12 MP each.
     let frames: Vec<Arc<Vec<u8>>> = angles
         .iter()
         .enumerate()
         .map(|(i, a)| {
-            Arc::new(imaging::encode(&render_scene(WIDTH, HEIGHT, *a, i as u64 + 1), 92).expect("encode"))
+            Arc::new(imaging::encode(&render_scene(width, height, *a, i as u64 + 1), 92).expect("encode"))
         })
         .collect();
     let servers: Vec<SnapshotServer> =
@@ -82,7 +89,7 @@ fn main() {
             one_inspection(&mut rig, &settings, &angles, run)
         })
         .collect();
-    report("HTTP snapshot cameras on loopback", &http);
+    report("HTTP snapshot cameras on loopback", &http, full);
 
     // Where one frame's time goes on the capture path, single-threaded: each step's median
     // over `STEP_RUNS` runs.
@@ -95,25 +102,27 @@ fn main() {
     let (dw, dh) = decoded.image.dimensions();
     let upright = imaging::orient(decoded.image, decoded.orientation);
     let small = imaging::resize(&upright, w, h).expect("resize");
-    let decode = median(|| drop(imaging::decode_at(raw, eighths).expect("decode")));
+    let step_runs = if full { STEP_RUNS } else { 1 };
+    let median = |f: &mut dyn FnMut()| median(step_runs, f);
+    let decode = median(&mut || drop(imaging::decode_at(raw, eighths).expect("decode")));
     // The frames have no EXIF orientation, so orienting them costs nothing.
-    let resize = median(|| drop(imaging::resize(&upright, w, h).expect("resize")));
-    let gate = median(|| {
+    let resize = median(&mut || drop(imaging::resize(&upright, w, h).expect("resize")));
+    let gate = median(&mut || {
         let masked = imaging::mask::Raster::new(&camera.masks, dw, dh);
         let scores = imaging::quality::score(&upright, &masked);
         drop(imaging::quality::judge(scores, &camera.quality))
     });
     // Filling masks in again gives the same pixels at the same cost, so one copy serves all runs.
     let mut masked = small.clone();
-    let masks = median(|| imaging::mask::apply(&mut masked, &camera.masks));
+    let masks = median(&mut || imaging::mask::apply(&mut masked, &camera.masks));
     let jpeg = imaging::encode(&small, settings.resize.jpeg_quality).expect("encode");
-    let encode = median(|| drop(imaging::encode(&small, settings.resize.jpeg_quality).expect("encode")));
+    let encode = median(&mut || drop(imaging::encode(&small, settings.resize.jpeg_quality).expect("encode")));
     let per_frame = decode + resize + gate + masks + encode;
-    let whole = median(|| drop(imaging::process_for(raw, &settings.resize, &camera).expect("process")));
+    let whole = median(&mut || drop(imaging::process_for(raw, &settings.resize, &camera).expect("process")));
     println!(
         "one frame ({} bytes, {}x{}): decode at {eighths}/8 to {dw}x{dh} {:.1} ms, resize to {w}x{h} {:.1} ms, \
          quality gate {:.2} ms, masks {:.2} ms, encode {:.1} ms ({} bytes); steps {:.1} ms, process_for {:.1} ms \
-         (medians of {STEP_RUNS})",
+         (medians of {step_runs})",
         raw.len(),
         header.width,
         header.height,
@@ -136,19 +145,19 @@ fn main() {
         camera.masks[1].area() * 100.0,
     );
     println!(
-        "imaging alone for 8 frames on {cpus} CPUs: at least {:.0} ms (8 x {:.0} ms / {cpus}), {:.0} % of the 0.8 s goal",
+        "imaging alone for 8 frames on {cpus} CPUs: at least {:.0} ms (8 x {:.0} ms / {cpus}), {:.0} % of the {GOAL} s goal",
         ms(per_frame) * 8.0 / cpus as f64,
         ms(per_frame),
-        ms(per_frame) * 8.0 / cpus as f64 / 8.0
+        ms(per_frame) * 8.0 / cpus as f64 / (GOAL * 10.0)
     );
 }
 
 /// Runs of each imaging step; the median is reported.
 const STEP_RUNS: usize = 15;
 
-/// The median time of `f` over `STEP_RUNS` runs.
-fn median(mut f: impl FnMut()) -> Duration {
-    let mut times: Vec<Duration> = (0..STEP_RUNS)
+/// The median time of `f` over `runs` runs.
+fn median(runs: usize, f: &mut dyn FnMut()) -> Duration {
+    let mut times: Vec<Duration> = (0..runs)
         .map(|_| {
             let t = Instant::now();
             f();
@@ -156,7 +165,7 @@ fn median(mut f: impl FnMut()) -> Duration {
         })
         .collect();
     times.sort();
-    times[STEP_RUNS / 2]
+    times[runs / 2]
 }
 
 /// The masks every benchmark camera has: a black band over the next lane on the right and a
@@ -217,15 +226,19 @@ fn one_inspection(rig: &mut Rig, settings: &Settings, angles: &[PhotoLabel], run
     outcome.trigger_to_durable
 }
 
-fn report(what: &str, times: &[Duration]) {
+fn report(what: &str, times: &[Duration], full: bool) {
     let mut sorted: Vec<f64> = times.iter().map(|d| d.as_secs_f64()).collect();
     sorted.sort_by(|a, b| a.total_cmp(b));
     let median = sorted[sorted.len() / 2];
+    let verdict = match (full, median <= GOAL) {
+        (false, _) => "small pass, no goal",
+        (true, true) => "met",
+        (true, false) => "MISSED",
+    };
     println!(
-        "{what}: median {median:.3} s, best {:.3} s, worst {:.3} s ({:.2}x the 0.8 s goal)",
+        "{what}: median {median:.3} s, best {:.3} s, worst {:.3} s, goal median at most {GOAL} s ({verdict})",
         sorted[0],
         sorted[sorted.len() - 1],
-        median / 0.8
     );
 }
 

@@ -21,6 +21,9 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub inspection: InspectionConfig,
     pub imaging: ResizeSpec,
+    /// `[imaging] workers`: frames decoded, resized and encoded at once (the rest wait, in the
+    /// order they arrived).
+    pub imaging_workers: usize,
     pub buffer: BufferConfig,
     pub cameras: Vec<CameraConfig>,
     /// The cloud inspection API; `None` captures and buffers only.
@@ -483,11 +486,13 @@ struct RawImaging {
     max_long_edge: i64,
     #[serde(default = "default_quality")]
     jpeg_quality: i64,
+    /// Default: one per CPU.
+    workers: Option<i64>,
 }
 
 impl Default for RawImaging {
     fn default() -> Self {
-        RawImaging { max_long_edge: default_long_edge(), jpeg_quality: default_quality() }
+        RawImaging { max_long_edge: default_long_edge(), jpeg_quality: default_quality(), workers: None }
     }
 }
 
@@ -786,6 +791,17 @@ impl RawConfig {
                 "use 1 to 100 (85 is usual)",
             ));
         }
+        let workers = match self.imaging.workers {
+            None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            Some(n @ 1..=64) => n as usize,
+            Some(n) => {
+                return Err(invalid(
+                    "imaging.workers",
+                    format!("{n} is out of range"),
+                    "use 1 to 64 (leave it out for one per CPU; each worker holds one decoded frame)",
+                ))
+            }
+        };
 
         let max_bytes = size("buffer.max_bytes", &self.buffer.max_bytes)?;
         if max_bytes < 1 << 20 {
@@ -994,6 +1010,7 @@ impl RawConfig {
                 bad_frames_to_offline: bad_frames as u32,
             },
             imaging: ResizeSpec { max_long_edge: edge as u32, jpeg_quality: quality as u8 },
+            imaging_workers: workers,
             buffer: BufferConfig { caps: Caps { max_bytes, min_free_disk }, completed_retention },
             cameras,
         })
@@ -1339,6 +1356,11 @@ angles = ["Rear", "Rear_Left", "Rear_Right", "VIN"]
         assert_eq!(c.buffer.caps.min_free_disk, 512 << 20);
         assert_eq!(c.camera_for(PhotoLabel::Vin).unwrap().id, "rear");
         assert_eq!(c.imaging, ResizeSpec { max_long_edge: 1920, jpeg_quality: 85 });
+        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        assert_eq!(c.imaging_workers, cpus, "one imaging worker per CPU unless configured");
+        let three =
+            parse(&GOOD.replace("jpeg_quality = 85", "jpeg_quality = 85\nworkers = 3"), "test.toml").unwrap();
+        assert_eq!(three.imaging_workers, 3);
     }
 
     #[test]
@@ -1382,6 +1404,16 @@ angles = ["Rear", "Rear_Left", "Rear_Right", "VIN"]
             &GOOD.replace("jpeg_quality = 85", "jpeg_quality = 0"),
             Some("imaging.jpeg_quality"),
             &["out of range"],
+        );
+        check_refused(
+            &GOOD.replace("jpeg_quality = 85", "jpeg_quality = 85\nworkers = 0"),
+            Some("imaging.workers"),
+            &["0 is out of range", "1 to 64"],
+        );
+        check_refused(
+            &GOOD.replace("jpeg_quality = 85", "jpeg_quality = 85\nworkers = 65"),
+            Some("imaging.workers"),
+            &["65 is out of range"],
         );
         check_refused(
             &GOOD.replace("dir:/srv/photos", "ftp://cam/x.jpg"),

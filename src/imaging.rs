@@ -425,6 +425,19 @@ pub fn resize(image: &RgbImage, width: u32, height: u32) -> Result<RgbImage, Fra
         .ok_or_else(|| failed("the resizer returned a buffer of the wrong size".to_owned()))
 }
 
+/// `resize` of an image it owns, in two passes: the height first into an image as wide as the
+/// source, which frees the source, then the width. The same pixels as `resize` (which makes the
+/// same two passes), but the source, the intermediate and the result are never all alive at
+/// once.
+fn shrink(image: RgbImage, width: u32, height: u32) -> Result<RgbImage, FrameError> {
+    if image.width() == width || image.height() == height {
+        return resize(&image, width, height);
+    }
+    let tall = resize(&image, image.width(), height)?;
+    drop(image);
+    resize(&tall, width, height)
+}
+
 /// Encodes RGB pixels as a baseline JPEG at `quality` (1–100), 4:2:0 chroma, with Huffman
 /// tables made for the image. The output carries no metadata: no EXIF (so no GPS, maker notes
 /// or orientation), no ICC profile, no comment; only the JFIF header every JPEG reader expects.
@@ -443,6 +456,32 @@ pub fn encode(img: &RgbImage, quality: u8) -> Result<Vec<u8>, FrameError> {
     libjpeg::encode(img, quality).map_err(|reason| FrameError::EncodeFailed { width, height, reason })
 }
 
+/// Encodes, as a camera's own encoder does (baseline, 4:2:0, the standard Huffman tables), an
+/// image of `width`x`height` that is never whole in memory: `fill` writes it a band of rows at
+/// a time (called with the band's first row and a buffer of whole RGB rows, the last band
+/// possibly shorter). For frames made on the board, such as the synthetic camera's.
+pub fn encode_bands(
+    width: u32,
+    height: u32,
+    quality: u8,
+    mut fill: impl FnMut(u32, &mut [u8]),
+) -> Result<Vec<u8>, FrameError> {
+    /// Rows per band: a multiple of the tallest MCU (16 rows at 4:2:0).
+    const BAND_ROWS: u32 = 64;
+    if !(1..=100).contains(&quality) {
+        return Err(FrameError::InvalidQuality { quality });
+    }
+    if width == 0 || height == 0 || width > 65_535 || height > 65_535 {
+        return Err(FrameError::EncodeFailed {
+            width,
+            height,
+            reason: "JPEG allows 1 to 65535 pixels a side".into(),
+        });
+    }
+    libjpeg::encode_bands(width, height, quality, BAND_ROWS, &mut fill)
+        .map_err(|reason| FrameError::EncodeFailed { width, height, reason })
+}
+
 /// `process_for` with the default quality thresholds and no masks.
 pub fn process(raw: &[u8], spec: &ResizeSpec) -> Result<Processed, FrameError> {
     process_for(raw, spec, &CameraImaging::default())
@@ -454,6 +493,19 @@ pub fn process(raw: &[u8], spec: &ResizeSpec) -> Result<Processed, FrameError> {
 /// the decoded frame is larger than the final size); `mask::apply`; `encode`. The only pixels
 /// ever encoded are masked ones.
 pub fn process_for(raw: &[u8], spec: &ResizeSpec, camera: &CameraImaging) -> Result<Processed, FrameError> {
+    let (image, mut processed) = develop(raw, spec, camera)?;
+    processed.jpeg = encode(&image, spec.jpeg_quality)?;
+    Ok(processed)
+}
+
+/// `process_for` on a frame it owns: the camera's bytes are freed as soon as they are decoded,
+/// and the decoded pixels as soon as they are resized, so that only one full-size buffer of a
+/// frame is alive at any step (what keeps the peak memory of a bay of large frames low).
+pub fn process_owned(
+    raw: Vec<u8>,
+    spec: &ResizeSpec,
+    camera: &CameraImaging,
+) -> Result<Processed, FrameError> {
     let (image, mut processed) = develop(raw, spec, camera)?;
     processed.jpeg = encode(&image, spec.jpeg_quality)?;
     Ok(processed)
@@ -476,19 +528,21 @@ pub fn preview(
 
 /// Everything of `process_for` but the encoding: the final, masked pixels, and the rest of
 /// `Processed` (with an empty `jpeg`).
+/// An owned `raw` is dropped once decoded, the decoded pixels once resized.
 fn develop(
-    raw: &[u8],
+    raw: impl AsRef<[u8]>,
     spec: &ResizeSpec,
     camera: &CameraImaging,
 ) -> Result<(RgbImage, Processed), FrameError> {
     if !(1..=100).contains(&spec.jpeg_quality) {
         return Err(FrameError::InvalidQuality { quality: spec.jpeg_quality });
     }
-    let header = check_complete(raw)?;
+    let header = check_complete(raw.as_ref())?;
     // `fit` treats both sides alike, so the final size as stored is the upright one turned.
     let (stored_w, stored_h) = fit(header.width, header.height, spec.max_long_edge);
     let (decoded, stored) =
-        decode_eighths(raw, decode_scale(header.width, header.height, stored_w, stored_h))?;
+        decode_eighths(raw.as_ref(), decode_scale(header.width, header.height, stored_w, stored_h))?;
+    drop(raw);
     let upright = orient(decoded.image, decoded.orientation);
     check_not_blank(&upright)?;
     let masked = mask::Raster::new(&camera.masks, upright.width(), upright.height());
@@ -500,7 +554,7 @@ fn develop(
     };
     let (width, height) = fit(source_width, source_height, spec.max_long_edge);
     let mut image =
-        if upright.dimensions() == (width, height) { upright } else { resize(&upright, width, height)? };
+        if upright.dimensions() == (width, height) { upright } else { shrink(upright, width, height)? };
     mask::apply(&mut image, &camera.masks);
     Ok((image, Processed { jpeg: Vec::new(), source_width, source_height, width, height, quality }))
 }
@@ -742,6 +796,21 @@ mod tests {
     use super::*;
     use image::Rgb;
     use proptest::prelude::*;
+
+    // ----- shrink -----
+
+    #[test]
+    fn shrinking_in_two_passes_gives_the_pixels_of_one_resize() {
+        let mut image = RgbImage::new(403, 301);
+        for (x, y, p) in image.enumerate_pixels_mut() {
+            *p = Rgb([(x * 7 % 256) as u8, (y * 13 % 256) as u8, ((x ^ y) % 256) as u8]);
+        }
+        for (w, h) in [(192, 143), (400, 120), (100, 301), (403, 50)] {
+            let one = resize(&image, w, h).unwrap();
+            let two = shrink(image.clone(), w, h).unwrap();
+            assert!(one == two, "{w}x{h}: the two-pass result differs");
+        }
+    }
 
     // ----- fit -----
 

@@ -1,13 +1,16 @@
 //! One inspection, from trigger to durable: every camera on a thread of its own, driven through
-//! its angles in order; each frame validated and re-captured when bad, judged by the quality
-//! gate and re-captured when poor, then resized, masked and committed to the buffer as soon as
-//! it is ready. An angle whose every capture is poor keeps its best frame, stored with its
-//! scores and the reason. An angle that cannot be captured is marked failed with its reason
+//! its angles in order, fetching frames (I/O) all at once; the frames go, in the order they
+//! arrive, to a bounded pool of imaging workers (`[imaging] workers`, by default one per CPU)
+//! that validate, decode, judge, resize, mask and encode them, so that no more frames are
+//! decoded at once than there are workers whatever the number of cameras. Each frame is
+//! re-captured when bad or when the quality gate finds it poor, and committed to the buffer as
+//! soon as it is ready. An angle whose every capture is poor keeps its best frame, stored with
+//! its scores and the reason. An angle that cannot be captured is marked failed with its reason
 //! while the other angles carry on.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::capture::health::{self, Failure, Monitor, Status};
@@ -23,6 +26,8 @@ pub struct Rig {
     stations: Vec<Station>,
     monitor: Monitor,
     refuse_when_offline: bool,
+    /// Imaging workers: frames decoded, resized and encoded at once.
+    workers: usize,
 }
 
 struct Station {
@@ -51,7 +56,12 @@ impl Rig {
         };
         let ids: Vec<&str> = stations.iter().map(|s| s.camera_id.as_str()).collect();
         let monitor = Monitor::new(&ids, policy);
-        Ok(Rig { stations, monitor, refuse_when_offline: config.inspection.refuse_when_camera_offline })
+        Ok(Rig {
+            stations,
+            monitor,
+            refuse_when_offline: config.inspection.refuse_when_camera_offline,
+            workers: config.imaging_workers.max(1),
+        })
     }
 
     /// A rig from cameras made elsewhere (tests, benchmarks).
@@ -67,7 +77,14 @@ impl Rig {
             .collect();
         let ids: Vec<&str> = stations.iter().map(|s| s.camera_id.as_str()).collect();
         let monitor = Monitor::new(&ids, health::Policy::default());
-        Rig { stations, monitor, refuse_when_offline: false }
+        Rig { stations, monitor, refuse_when_offline: false, workers: default_workers() }
+    }
+
+    /// Sets the number of imaging workers (at least 1; a rig made by `from_cameras` has one per
+    /// CPU).
+    pub fn with_workers(mut self, workers: usize) -> Rig {
+        self.workers = workers.max(1);
+        self
     }
 
     /// Sets a camera's quality thresholds and privacy masks (a rig made by `from_cameras` has the
@@ -220,6 +237,8 @@ pub struct Outcome {
     /// Some image could not be stored because the disk was full; its angle failed with a
     /// reason that says so.
     pub disk_full: bool,
+    /// The most frames the imaging workers developed at once (never more than the workers).
+    pub developed_at_once: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -292,15 +311,19 @@ pub fn run(
     log::info!(inspection_id = inspection_id.0, case_id = request.case_id.as_str(), angles = request.angles.len(); "Inspection started");
     progress(&Progress::Started { inspection_id, angles: request.angles.clone() });
 
-    let permits = Permits::new(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
     let (tx, rx) = mpsc::channel::<(Progress, u64)>();
+    let (work_tx, work_rx) = mpsc::channel::<Work>();
+    let work_rx = Mutex::new(work_rx);
+    let developing = Developing::default();
     let mut captured = Vec::new();
     let mut failed = Vec::new();
     let mut poor = Vec::new();
     let (mut source_bytes, mut stored_bytes) = (0u64, 0u64);
     let disk_full = AtomicBool::new(false);
     let monitor = rig.monitor.clone();
+    let workers = rig.workers;
     std::thread::scope(|scope| {
+        let mut cameras = 0usize;
         for station in rig.stations.iter_mut() {
             let angles: Vec<PhotoLabel> =
                 station.angles.iter().copied().filter(|a| request.angles.contains(a)).collect();
@@ -330,10 +353,11 @@ pub fn run(
                 settings,
                 clock,
                 cancel,
-                permits: &permits,
+                pool: Pool { queue: work_tx.clone(), imaging: Arc::new(station.imaging.clone()) },
                 monitor: &monitor,
                 disk_full: &disk_full,
             };
+            cameras += 1;
             scope.spawn(move || {
                 for angle in angles {
                     job.shoot(station, angle, &|event| {
@@ -343,6 +367,13 @@ pub fn run(
             });
         }
         drop(tx);
+        // The workers stop once every camera thread is done and the queue is empty.
+        drop(work_tx);
+        for _ in 0..workers.min(cameras) {
+            let (work_rx, developing) = (&work_rx, &developing);
+            let resize = &settings.resize;
+            scope.spawn(move || develop_frames(work_rx, resize, developing));
+        }
         for (event, source) in rx {
             match &event {
                 Progress::Captured { angle, bytes, quality, .. } => {
@@ -387,6 +418,7 @@ pub fn run(
         stored_bytes,
         trigger_to_durable,
         disk_full: disk_full.load(Ordering::SeqCst),
+        developed_at_once: developing.most.load(Ordering::SeqCst),
     })
 }
 
@@ -397,7 +429,8 @@ struct Job<'a> {
     settings: &'a Settings,
     clock: &'a dyn Clock,
     cancel: &'a AtomicBool,
-    permits: &'a Permits,
+    /// Where this camera's frames are developed.
+    pool: Pool,
     monitor: &'a Monitor,
     /// Set when an image was refused because the disk was full.
     disk_full: &'a AtomicBool,
@@ -447,13 +480,9 @@ impl Job<'_> {
                 }
             };
             let captured_at = self.clock.wall();
-            let processed = {
-                let _permit = self.permits.acquire();
-                catch_unwind(AssertUnwindSafe(|| {
-                    imaging::process_for(&raw, &self.settings.resize, &station.imaging)
-                }))
-            };
-            let processed = match processed {
+            let source_bytes = raw.len() as u64;
+            // The raw frame moves to the pool, which frees it as soon as it is decoded.
+            let processed = match self.pool.develop(raw) {
                 Ok(Ok(p)) => {
                     self.monitor.record_ok(&camera, self.clock.monotonic());
                     p
@@ -484,8 +513,7 @@ impl Job<'_> {
                     continue;
                 }
             };
-            let frame = Frame { processed, captured_at, source_bytes: raw.len() as u64 };
-            drop(raw);
+            let frame = Frame { processed, captured_at, source_bytes };
             if frame.processed.quality.passes() {
                 match self.store(&camera, angle, &frame, None, report) {
                     Ok(()) => return,
@@ -592,33 +620,163 @@ fn lock(store: &Mutex<Store>) -> MutexGuard<'_, Store> {
     store.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A counting semaphore: at most as many frames are decoded and resized at once as there are
-/// cores, which keeps the peak memory of eight 12 MP frames in check without losing speed.
-struct Permits {
-    free: Mutex<usize>,
-    freed: Condvar,
+/// The number of imaging workers when none is configured: one per CPU.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
-struct Permit<'a>(&'a Permits);
+/// A frame on its way to an imaging worker, with the camera's thresholds and masks and where
+/// the result goes.
+struct Work {
+    raw: Vec<u8>,
+    imaging: Arc<CameraImaging>,
+    reply: mpsc::SyncSender<Developed>,
+}
 
-impl Permits {
-    fn new(n: usize) -> Permits {
-        Permits { free: Mutex::new(n.max(1)), freed: Condvar::new() }
-    }
+/// What a worker made of a frame; `Err` when the decoder panicked.
+type Developed = std::thread::Result<Result<imaging::Processed, imaging::FrameError>>;
 
-    fn acquire(&self) -> Permit<'_> {
-        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
-        while *free == 0 {
-            free = self.freed.wait(free).unwrap_or_else(|p| p.into_inner());
+/// A camera thread's way into the imaging pool.
+struct Pool {
+    queue: mpsc::Sender<Work>,
+    imaging: Arc<CameraImaging>,
+}
+
+impl Pool {
+    /// Queues the frame behind those that arrived before it and waits for a worker to develop
+    /// it.
+    fn develop(&self, raw: Vec<u8>) -> Developed {
+        let (reply, answer) = mpsc::sync_channel(1);
+        let gone = || -> Developed { Err(Box::new("the imaging workers stopped")) };
+        if self.queue.send(Work { raw, imaging: Arc::clone(&self.imaging), reply }).is_err() {
+            return gone();
         }
-        *free -= 1;
-        Permit(self)
+        answer.recv().unwrap_or_else(|_| gone())
     }
 }
 
-impl Drop for Permit<'_> {
-    fn drop(&mut self) {
-        *self.0.free.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-        self.0.freed.notify_one();
+/// How many frames the workers develop now, and the most at once.
+#[derive(Default)]
+struct Developing {
+    now: AtomicUsize,
+    most: AtomicUsize,
+}
+
+/// An imaging worker: takes frames in the order they arrived until every camera is done.
+fn develop_frames(queue: &Mutex<mpsc::Receiver<Work>>, resize: &ResizeSpec, developing: &Developing) {
+    loop {
+        // One worker waits on the queue at a time; the others wait for the lock, in turn.
+        let next = queue.lock().unwrap_or_else(|p| p.into_inner()).recv();
+        let Ok(Work { raw, imaging, reply }) = next else { return };
+        let now = developing.now.fetch_add(1, Ordering::SeqCst) + 1;
+        developing.most.fetch_max(now, Ordering::SeqCst);
+        let developed = catch_unwind(AssertUnwindSafe(|| imaging::process_owned(raw, resize, &imaging)));
+        developing.now.fetch_sub(1, Ordering::SeqCst);
+        let _ = reply.send(developed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capture::SyntheticCamera;
+    use crate::clock::ManualClock;
+    use std::time::{Instant, UNIX_EPOCH};
+
+    /// A camera whose frame comes only once every camera of the rig has been asked for one (or
+    /// after 10 s, with an error): a rig that fetched one camera after another would fail it.
+    struct Together {
+        inner: SyntheticCamera,
+        arrived: Arc<(Mutex<usize>, std::sync::Condvar)>,
+        cameras: usize,
+    }
+
+    impl Camera for Together {
+        fn capture(&mut self, angle: PhotoLabel) -> Result<Vec<u8>, CaptureError> {
+            let (count, all_here) = &*self.arrived;
+            let mut n = count.lock().unwrap();
+            *n += 1;
+            all_here.notify_all();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while *n < self.cameras {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(CaptureError::NoDevice {
+                        camera: "together".into(),
+                        device: "test".into(),
+                        reason: format!("only {} of {} cameras were asked at once", *n, self.cameras),
+                    });
+                }
+                n = all_here.wait_timeout(n, left).unwrap().0;
+            }
+            drop(n);
+            self.inner.capture(angle)
+        }
+    }
+
+    /// A camera whose every frame is cut short.
+    struct CutShort;
+
+    impl Camera for CutShort {
+        fn capture(&mut self, _angle: PhotoLabel) -> Result<Vec<u8>, CaptureError> {
+            let mut frame = SyntheticCamera::new("cut", 320, 240).capture(PhotoLabel::Rear)?;
+            frame.truncate(frame.len() / 2);
+            Ok(frame)
+        }
+    }
+
+    fn inspect(workers: usize) -> (Outcome, Vec<u32>) {
+        let angles = [PhotoLabel::Front, PhotoLabel::Left, PhotoLabel::Right, PhotoLabel::Rear];
+        let arrived = Arc::new((Mutex::new(0), std::sync::Condvar::new()));
+        let mut cameras: Vec<(String, Vec<PhotoLabel>, Box<dyn Camera>)> = angles[..3]
+            .iter()
+            .map(|a| {
+                let camera: Box<dyn Camera> = Box::new(Together {
+                    inner: SyntheticCamera::new(a.as_str(), 1600, 1200),
+                    arrived: Arc::clone(&arrived),
+                    cameras: 3,
+                });
+                (a.as_str().to_owned(), vec![*a], camera)
+            })
+            .collect();
+        cameras.push(("cut".to_owned(), vec![PhotoLabel::Rear], Box::new(CutShort)));
+        let mut rig = Rig::from_cameras(cameras).with_workers(workers);
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::starting_at(UNIX_EPOCH + Duration::from_secs(1_795_000_000));
+        let store = Mutex::new(
+            Store::open(
+                dir.path(),
+                crate::store::Caps { max_bytes: 1 << 30, min_free_disk: 0 },
+                clock.wall(),
+            )
+            .unwrap(),
+        );
+        let request =
+            Request { case_id: CaseId::parse("POOL-1").unwrap(), vehicle: None, angles: angles.to_vec() };
+        let settings =
+            Settings { capture_attempts: 2, resize: ResizeSpec { max_long_edge: 320, jpeg_quality: 80 } };
+        let outcome =
+            run(&mut rig, &store, &request, &settings, &clock, &AtomicBool::new(false), &mut |_| {}).unwrap();
+        let widths = lock(&store).images(outcome.inspection_id).unwrap().iter().map(|i| i.width).collect();
+        (outcome, widths)
+    }
+
+    #[test]
+    fn cameras_fetch_at_once_while_no_more_frames_than_workers_are_developed_and_a_bad_one_fails_alone() {
+        for workers in [1, 2] {
+            let (outcome, widths) = inspect(workers);
+            assert_eq!(outcome.captured, vec![PhotoLabel::Front, PhotoLabel::Left, PhotoLabel::Right]);
+            assert_eq!(widths, vec![320, 320, 320], "every stored image is resized");
+            assert_eq!(outcome.failed.len(), 1, "{:?}", outcome.failed);
+            let (angle, reason) = &outcome.failed[0];
+            assert_eq!(*angle, PhotoLabel::Rear);
+            assert!(reason.contains("cut short"), "{reason}");
+            assert!(
+                (1..=workers).contains(&outcome.developed_at_once),
+                "{workers} worker(s) developed {} frames at once",
+                outcome.developed_at_once
+            );
+            assert_eq!(outcome.state, InspectionState::Captured);
+        }
     }
 }

@@ -109,6 +109,40 @@ pub(super) fn encode(image: &RgbImage, quality: u8) -> Result<Vec<u8>, String> {
     guarded(run).and_then(|result| result)
 }
 
+/// Encodes an image of `width`x`height` whose rows `fill` writes a band of up to `band_rows`
+/// rows at a time (called with the first row of the band and a buffer of whole RGB rows), with
+/// the standard Huffman tables: tables made for the image would need all of its coefficients
+/// before the first byte is written, and this way only a band is ever in memory.
+pub(super) fn encode_bands(
+    width: u32,
+    height: u32,
+    quality: u8,
+    band_rows: u32,
+    fill: &mut dyn FnMut(u32, &mut [u8]),
+) -> Result<Vec<u8>, String> {
+    let run = || -> Result<Vec<u8>, String> {
+        let mut compress = Compress::new_err(Box::new(error_manager()), ColorSpace::JCS_RGB);
+        compress.set_fastest_defaults();
+        compress.set_size(width as usize, height as usize);
+        compress.set_quality(f32::from(quality));
+        compress.set_optimize_coding(false);
+        let mut started = compress.start_compress(Vec::new()).map_err(|e| e.to_string())?;
+        let row_bytes = width as usize * 3;
+        let band_rows = band_rows.max(1);
+        let mut band = vec![0u8; row_bytes * band_rows as usize];
+        let mut first = 0u32;
+        while first < height {
+            let rows = band_rows.min(height - first);
+            let band = &mut band[..row_bytes * rows as usize];
+            fill(first, band);
+            started.write_scanlines(band).map_err(|e| e.to_string())?;
+            first += rows;
+        }
+        started.finish().map_err(|e| e.to_string())
+    };
+    guarded(run).and_then(|result| result)
+}
+
 /// Runs `f`, which calls into libjpeg, turning an unwind out of it into its message.
 fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, String> {
     panic::catch_unwind(AssertUnwindSafe(f)).map_err(unwind_text)
