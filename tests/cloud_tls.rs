@@ -333,7 +333,11 @@ fn standin_process(pki: &Pki) -> (Child, String) {
         .spawn()
         .unwrap();
     let mut first = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    out.read_line(&mut first).unwrap();
+    // Keep reading what it prints next: a closed pipe would kill it at its next line (as seen
+    // under qemu, where it prints more slowly than the test reads).
+    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
     let url = first.trim().rsplit(' ').next().unwrap_or("").to_owned();
     assert!(url.starts_with("https://127.0.0.1:"), "the stand-in says it serves HTTPS: {first}");
     (child, url)
