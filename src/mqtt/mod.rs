@@ -391,7 +391,18 @@ impl Link {
                         log::warn!(broker = broker, reason = reason.as_str(); "MQTT broker connection lost");
                         on_event(LinkEvent::Disconnected { reason: reason.clone() });
                     }
-                    let loss = if was { watch.lost(epoch.elapsed()) } else { Loss::Ordinary };
+                    let closed_by_broker = matches!(
+                        e,
+                        rumqttc::ConnectionError::MqttState(rumqttc::StateError::ConnectionAborted)
+                    );
+                    let loss = match (was, closed_by_broker) {
+                        (true, true) => watch.lost(epoch.elapsed()),
+                        (true, false) => watch.broken(),
+                        (false, _) => {
+                            watch.attempt_failed();
+                            Loss::Ordinary
+                        }
+                    };
                     let delay = match loss {
                         Loss::Ordinary => {
                             let delay = reconnect_delay(failures, fastrand::f64());
@@ -403,11 +414,11 @@ impl Link {
                         }
                     };
                     if loss == Loss::NowSuspected {
-                        log::error!(broker = broker, client_id = client_id, retry_in_s = delay.as_secs(); "MQTT session taken over again and again right after connecting: another client uses this client id (a second kiosk with the same bay_id?); reconnecting only every few minutes until it is gone");
+                        log::error!(broker = broker, client_id = client_id, retry_in_s = delay.as_secs(); "MQTT session taken over again and again right after connecting: another client uses this client id (a second kiosk with the same bay_id?); reconnecting only about once a minute until it is gone");
                         on_event(LinkEvent::Alert {
                             kind: ALERT_CLIENT_ID_IN_USE,
                             reason: format!(
-                                "another client keeps taking over the MQTT session of client id {client_id} at {broker} (a second kiosk with the same bay_id?); this bay reconnects only every few minutes: stop the other one or give it its own bay_id"
+                                "another client keeps taking over the MQTT session of client id {client_id} at {broker} (a second kiosk with the same bay_id?); this bay reconnects only about once a minute: stop the other one or give it its own bay_id"
                             ),
                         });
                     }

@@ -4,9 +4,12 @@
 //! do so forever at the reconnect backoff's pace.
 //!
 //! MQTT 3.1.1 gives no reason when the broker closes a connection, so the watch goes by the
-//! pattern: [`SHORT_SESSIONS_TO_SUSPECT`] connections in a row lost within [`SHORT_SESSION`] of
-//! being accepted. From then on the kiosk reconnects only every few minutes after a loss
-//! ([`SUSPECTED_RETRY`], jittered), and says so, until a connection lasts [`STABLE_SESSION`].
+//! pattern: [`SHORT_SESSIONS_TO_SUSPECT`] connections in a row closed by the broker (a clean end
+//! of stream, not a network error) within [`SHORT_SESSION`] of being accepted, each reconnect in
+//! between accepted at its first attempt. A broker that restarts or vanishes refuses at least
+//! one attempt, and a flaky network ends connections with errors: neither counts. From then on
+//! the kiosk reconnects only every minute or so after a loss ([`SUSPECTED_RETRY`], jittered),
+//! and says so, until a connection lasts [`STABLE_SESSION`].
 
 use std::time::Duration;
 
@@ -16,8 +19,10 @@ pub const SHORT_SESSION: Duration = Duration::from_secs(10);
 pub const SHORT_SESSIONS_TO_SUSPECT: u32 = 3;
 /// A connection that lasts this long clears the suspicion.
 pub const STABLE_SESSION: Duration = Duration::from_secs(30 * 60);
-/// The longest pause before reconnecting after a loss while suspected (at least half of it).
-pub const SUSPECTED_RETRY: Duration = Duration::from_secs(5 * 60);
+/// The longest pause before reconnecting after a loss while suspected (at least half of it):
+/// long enough that two kiosks with one id stop throwing each other off many times a second,
+/// short enough that a wrong suspicion costs a bay only a minute of MQTT.
+pub const SUSPECTED_RETRY: Duration = Duration::from_secs(90);
 
 /// What a lost connection means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,7 +61,26 @@ impl TakeoverWatch {
         false
     }
 
-    /// The connection was lost at `now`.
+    /// A connection attempt failed (refused, unreachable): whatever ended the last connection,
+    /// the broker was not there to accept the next one at once, so it was no take-over.
+    pub fn attempt_failed(&mut self) {
+        if !self.suspected {
+            self.short_in_a_row = 0;
+        }
+    }
+
+    /// The connection was lost at `now` with a network error rather than closed by the broker:
+    /// it breaks a run of short sessions, and a suspicion stays as it is.
+    pub fn broken(&mut self) -> Loss {
+        self.connected_at = None;
+        if self.suspected {
+            return Loss::StillSuspected;
+        }
+        self.short_in_a_row = 0;
+        Loss::Ordinary
+    }
+
+    /// The broker closed the connection at `now`.
     pub fn lost(&mut self, now: Duration) -> Loss {
         let Some(at) = self.connected_at.take() else { return Loss::Ordinary };
         let lasted = now.saturating_sub(at);
@@ -139,6 +163,37 @@ mod tests {
     }
 
     #[test]
+    fn a_broker_that_restarts_or_a_network_error_breaks_the_run() {
+        // A refused attempt between short sessions: the broker was away, not taken over.
+        let mut watch = TakeoverWatch::default();
+        for t in 0..6 {
+            watch.connected(S(t * 3));
+            assert_eq!(watch.lost(S(t * 3 + 1)), Loss::Ordinary, "session {t}");
+            watch.attempt_failed();
+        }
+        assert!(!watch.is_suspected());
+        // Network errors in between likewise.
+        let mut watch = TakeoverWatch::default();
+        for t in 0..6 {
+            watch.connected(S(t * 2));
+            let loss = if t % 2 == 0 { watch.lost(S(t * 2 + 1)) } else { watch.broken() };
+            assert_eq!(loss, Loss::Ordinary, "session {t}");
+        }
+        assert!(!watch.is_suspected());
+        // Once suspected, a network error or a refused attempt keeps the suspicion.
+        let mut watch = TakeoverWatch::default();
+        for t in 0..3 {
+            watch.connected(S(t * 2));
+            watch.lost(S(t * 2 + 1));
+        }
+        assert!(watch.is_suspected());
+        watch.attempt_failed();
+        watch.connected(S(200));
+        assert_eq!(watch.broken(), Loss::StillSuspected);
+        assert!(watch.is_suspected());
+    }
+
+    #[test]
     fn a_stable_connection_clears_the_suspicion_once() {
         let mut watch = TakeoverWatch::default();
         for t in 0..3 {
@@ -155,10 +210,10 @@ mod tests {
     }
 
     #[test]
-    fn the_suspected_retry_is_minutes_and_jittered() {
+    fn the_suspected_retry_is_about_a_minute_and_jittered() {
         assert_eq!(TakeoverWatch::suspected_retry(0.0), SUSPECTED_RETRY / 2);
         assert_eq!(TakeoverWatch::suspected_retry(1.0), SUSPECTED_RETRY);
         assert_eq!(TakeoverWatch::suspected_retry(7.0), SUSPECTED_RETRY);
-        assert!(TakeoverWatch::suspected_retry(0.5) > Duration::from_secs(60));
+        assert!(TakeoverWatch::suspected_retry(0.5) >= Duration::from_secs(60));
     }
 }
