@@ -16,13 +16,13 @@ use std::time::Duration;
 /// A connection lost sooner than this after the broker accepted it counts as short.
 pub const SHORT_SESSION: Duration = Duration::from_secs(10);
 /// Short connections in a row that make the watch suspect another client with the same id.
-pub const SHORT_SESSIONS_TO_SUSPECT: u32 = 3;
+pub const SHORT_SESSIONS_TO_SUSPECT: u32 = 5;
 /// A connection that lasts this long clears the suspicion.
 pub const STABLE_SESSION: Duration = Duration::from_secs(30 * 60);
 /// The longest pause before reconnecting after a loss while suspected (at least half of it):
 /// long enough that two kiosks with one id stop throwing each other off many times a second,
 /// short enough that a wrong suspicion costs a bay only a minute of MQTT.
-pub const SUSPECTED_RETRY: Duration = Duration::from_secs(90);
+pub const SUSPECTED_RETRY: Duration = Duration::from_secs(60);
 
 /// What a lost connection means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,17 +135,33 @@ mod tests {
     }
 
     #[test]
-    fn three_short_connections_in_a_row_are_a_take_over() {
+    fn five_short_connections_in_a_row_are_a_take_over() {
         use Loss::*;
+        assert_eq!(SHORT_SESSIONS_TO_SUSPECT, 5, "the cases below are written for five");
         // Flapping at the backoff's pace.
         check(
-            &[(S(0), MS(300)), (MS(700), S(1)), (MS(1400), S(2)), (S(300), MS(300_400))],
-            &[Ordinary, Ordinary, NowSuspected, StillSuspected],
+            &[
+                (S(0), MS(300)),
+                (MS(700), S(1)),
+                (MS(1400), S(2)),
+                (MS(2300), S(3)),
+                (MS(3200), S(4)),
+                (S(60), MS(60_400)),
+            ],
+            &[Ordinary, Ordinary, Ordinary, Ordinary, NowSuspected, StillSuspected],
         );
         // A long connection between short ones resets the count.
         check(
-            &[(S(0), S(1)), (S(2), S(3)), (S(4), S(60)), (S(61), S(62)), (S(63), S(64))],
-            &[Ordinary, Ordinary, Ordinary, Ordinary, Ordinary],
+            &[
+                (S(0), S(1)),
+                (S(2), S(3)),
+                (S(4), S(5)),
+                (S(6), S(7)),
+                (S(8), S(60)),
+                (S(61), S(62)),
+                (S(63), S(64)),
+            ],
+            &[Ordinary; 7],
         );
         // A network that drops now and then is no take-over.
         check(&[(S(0), S(600)), (S(601), S(1200)), (S(1201), S(1800))], &[Ordinary, Ordinary, Ordinary]);
@@ -155,10 +171,12 @@ mod tests {
                 (S(0), S(1)),
                 (S(2), S(3)),
                 (S(4), S(5)),
+                (S(6), S(7)),
+                (S(8), S(9)),
                 (S(300), S(900)),
                 (S(1000), S(1000) + STABLE_SESSION),
             ],
-            &[Ordinary, Ordinary, NowSuspected, StillSuspected, Ordinary],
+            &[Ordinary, Ordinary, Ordinary, Ordinary, NowSuspected, StillSuspected, Ordinary],
         );
     }
 
@@ -182,7 +200,7 @@ mod tests {
         assert!(!watch.is_suspected());
         // Once suspected, a network error or a refused attempt keeps the suspicion.
         let mut watch = TakeoverWatch::default();
-        for t in 0..3 {
+        for t in 0..SHORT_SESSIONS_TO_SUSPECT as u64 {
             watch.connected(S(t * 2));
             watch.lost(S(t * 2 + 1));
         }
@@ -196,7 +214,7 @@ mod tests {
     #[test]
     fn a_stable_connection_clears_the_suspicion_once() {
         let mut watch = TakeoverWatch::default();
-        for t in 0..3 {
+        for t in 0..SHORT_SESSIONS_TO_SUSPECT as u64 {
             watch.connected(S(t * 2));
             watch.lost(S(t * 2 + 1));
         }
@@ -214,6 +232,6 @@ mod tests {
         assert_eq!(TakeoverWatch::suspected_retry(0.0), SUSPECTED_RETRY / 2);
         assert_eq!(TakeoverWatch::suspected_retry(1.0), SUSPECTED_RETRY);
         assert_eq!(TakeoverWatch::suspected_retry(7.0), SUSPECTED_RETRY);
-        assert!(TakeoverWatch::suspected_retry(0.5) >= Duration::from_secs(60));
+        assert!(TakeoverWatch::suspected_retry(0.5) >= Duration::from_secs(45));
     }
 }
