@@ -112,6 +112,27 @@ impl Store {
         Ok(self.summaries_in(&tx, Some(InspectionId(id)))?.pop())
     }
 
+    /// The inspection that waits right behind `current` in the upload queue (same order as
+    /// [`Store::next_to_upload`]), or `None`. The uploader authenticates it ahead of time.
+    pub fn next_to_upload_after(
+        &self,
+        current: InspectionId,
+    ) -> Result<Option<InspectionSummary>, StoreError> {
+        let err = |e| sqlite_error(&self.path, e);
+        let tx = self.conn.unchecked_transaction().map_err(err)?;
+        let id: Option<i64> = tx
+            .query_row(
+                "SELECT id FROM inspections INDEXED BY inspections_upload_queue
+                 WHERE state IN ('captured', 'uploading') AND id <> ?1 ORDER BY queue_rank, id LIMIT 1",
+                [current.0],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(err)?;
+        let Some(id) = id else { return Ok(None) };
+        Ok(self.summaries_in(&tx, Some(InspectionId(id)))?.pop())
+    }
+
     /// Records that `session` was opened for this inspection. Written before the first image
     /// goes, so that after a crash the uploader asks the cloud what this session holds.
     pub fn open_session(&mut self, id: InspectionId, session: &str) -> Result<(), StoreError> {

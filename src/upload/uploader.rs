@@ -124,6 +124,18 @@ pub struct Uploader {
     given_up: Vec<(InspectionId, String, String)>,
     /// Whether the kernel's unsynchronised clock was already reported (once until it syncs).
     told_kernel_unsynced: bool,
+    /// The authentication of the inspection behind the current one, running meanwhile.
+    prefetch: Option<Prefetch>,
+}
+
+/// The authentication of the inspection waiting behind the one being sent, on a thread of its
+/// own (a [`Client::twin`] on the same agent) while the current one uploads, so that the link
+/// does not idle through that round trip. Its session is written to the buffer only when the
+/// uploader takes it up, before its first image, exactly as a session opened in turn; if the
+/// kiosk stops first, the cloud holds an empty session that nobody names, which expires unused.
+struct Prefetch {
+    id: InspectionId,
+    handle: std::thread::JoinHandle<Result<Tokens, Failure>>,
 }
 
 impl std::fmt::Debug for Uploader {
@@ -152,6 +164,7 @@ impl Uploader {
             jitter: Box::new(fastrand::f64),
             given_up: Vec::new(),
             told_kernel_unsynced: false,
+            prefetch: None,
         }
     }
 
@@ -190,6 +203,7 @@ impl Uploader {
         };
         let Some(inspection) = next else {
             self.tokens = None;
+            self.forget_prefetch();
             return Pump::Idle;
         };
         let outcome = self.deliver(store, &inspection, events);
@@ -311,6 +325,9 @@ impl Uploader {
                 None => self.open_session(store, inspection)?,
             },
         };
+
+        // The next inspection's session is opened while this one's images travel.
+        self.prefetch_next(store, id);
 
         // The images the session does not hold yet.
         let sent = store.sent(id, &session)?;
@@ -446,12 +463,17 @@ impl Uploader {
 
     fn open_session(&mut self, store: &mut Store, inspection: &InspectionSummary) -> Result<String, Stop> {
         let id = inspection.id;
-        let vehicle = store.vehicle_json(id)?;
-        let tokens = match self.client.authenticate(&inspection.case_id, vehicle.as_ref()) {
-            Ok(t) => t,
-            Err(f) => {
-                let mut nothing = |_| {};
-                return Err(self.failure(store, id, "", f, &mut nothing));
+        let tokens = match self.take_prefetched(id) {
+            Some(tokens) => tokens,
+            None => {
+                let vehicle = store.vehicle_json(id)?;
+                match self.client.authenticate(&inspection.case_id, vehicle.as_ref()) {
+                    Ok(t) => t,
+                    Err(f) => {
+                        let mut nothing = |_| {};
+                        return Err(self.failure(store, id, "", f, &mut nothing));
+                    }
+                }
             }
         };
         let session = tokens.session.clone();
@@ -459,6 +481,77 @@ impl Uploader {
         log::info!(inspection_id = id.0, case_id = inspection.case_id.as_str(), session = session.as_str(); "Cloud session opened");
         self.tokens = Some((id, tokens));
         Ok(session)
+    }
+
+    /// Starts authenticating the inspection queued behind `current`, unless one is already
+    /// running or that inspection names a session in the buffer (that one is asked about first,
+    /// in turn). At most two sessions are thus in flight: the current one and the next.
+    fn prefetch_next(&mut self, store: &Store, current: InspectionId) {
+        if self.prefetch.is_some() {
+            return;
+        }
+        let next = match store.next_to_upload_after(current) {
+            Ok(Some(next)) => next,
+            Ok(None) => return,
+            Err(e) => {
+                log::warn!(inspection_id = current.0; "Could not look up the next inspection to upload: {e}");
+                return;
+            }
+        };
+        if !matches!(store.upload_state(next.id), Ok(u) if u.session.is_none()) {
+            return;
+        }
+        let Ok(vehicle) = store.vehicle_json(next.id) else {
+            // Read again in turn, where a damaged row gets its clear error.
+            return;
+        };
+        let mut twin = self.client.twin();
+        let case_id = next.case_id.clone();
+        let spawned = std::thread::Builder::new()
+            .name("upload-prefetch".to_owned())
+            .spawn(move || twin.authenticate(&case_id, vehicle.as_ref()));
+        match spawned {
+            Ok(handle) => {
+                log::debug!(inspection_id = next.id.0, case_id = next.case_id.as_str(); "Opening the next inspection's session while this one uploads");
+                self.prefetch = Some(Prefetch { id: next.id, handle });
+            }
+            Err(e) => {
+                log::warn!(inspection_id = next.id.0; "Could not start a thread to open the next session early; it is opened in turn: {e}");
+            }
+        }
+    }
+
+    /// The tokens opened ahead of time for inspection `id`, if they are there and still fresh.
+    /// A prefetch for another inspection stays where it is.
+    fn take_prefetched(&mut self, id: InspectionId) -> Option<Tokens> {
+        if self.prefetch.as_ref().is_none_or(|p| p.id != id) {
+            return None;
+        }
+        let prefetch = self.prefetch.take()?;
+        match self.client.while_waiting(|| prefetch.handle.join()) {
+            Ok(Ok(tokens)) if tokens.fresh(self.clock.monotonic()) => Some(tokens),
+            Ok(Ok(tokens)) => {
+                log::info!(inspection_id = id.0, session = tokens.session.as_str(); "A session opened ahead of time aged before use; it expires unused and a new one is opened");
+                None
+            }
+            Ok(Err(f)) => {
+                log::debug!(inspection_id = id.0, error = f.detail.as_str(); "Opening the session ahead of time failed; it is opened in turn");
+                None
+            }
+            Err(_) => {
+                log::error!(inspection_id = id.0; "The thread opening a session ahead of time panicked; the session is opened in turn");
+                None
+            }
+        }
+    }
+
+    /// Waits for a prefetch nobody will take (the queue ran empty): its session expires unused.
+    fn forget_prefetch(&mut self) {
+        if let Some(prefetch) = self.prefetch.take() {
+            if let Ok(Ok(tokens)) = self.client.while_waiting(|| prefetch.handle.join()) {
+                log::info!(inspection_id = prefetch.id.0, session = tokens.session.as_str(); "A session opened ahead of time was not needed; it expires unused");
+            }
+        }
     }
 
     fn send_batch(
