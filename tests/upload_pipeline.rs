@@ -137,9 +137,11 @@ fn the_next_session_opens_while_images_travel_and_no_image_lands_in_the_wrong_se
 }
 
 #[test]
-fn a_session_opened_early_for_an_inspection_that_waits_too_long_is_left_unused() {
-    // The second inspection's early session ages past its token margin while the first one
-    // waits out a Retry-After: it is not used, a fresh one is opened, nothing is mixed.
+fn a_long_wait_while_a_session_is_open_early_mixes_nothing_and_wastes_no_image() {
+    // The first inspection waits out a 15-minute Retry-After while the second one's session is
+    // opened early: the first one's tokens age, and so may the early session (whether it was
+    // opened before or after the wait depends on the thread). Either way nothing is mixed, each
+    // is completed once, and a session left behind holds no image.
     let clock = ManualClock::starting_at(start());
     let config = StandInConfig::default();
     let standin = StandIn::start(config.clone(), Arc::new(clock.clone())).unwrap();
@@ -157,8 +159,9 @@ fn a_session_opened_early_for_an_inspection_that_waits_too_long_is_left_unused()
     assert_eq!(drained.completed, vec![cases[0].0, cases[1].0]);
     assert_no_image_in_the_wrong_session(&standin, &store, &cases);
     let unused: Vec<_> = standin.sessions().into_iter().filter(|s| !s.completed).collect();
-    assert_eq!(unused.len(), 2, "the first session of each (given up, or aged before use): {unused:#?}");
-    assert!(unused.iter().any(|s| s.case_id == "AGE-2" && s.photos.is_empty()), "{unused:#?}");
+    assert!(unused.iter().any(|s| s.case_id == "AGE-1"), "the first session of AGE-1 aged: {unused:#?}");
+    assert!(unused.len() <= 2, "{unused:#?}");
+    assert!(unused.iter().all(|s| s.photos.is_empty()), "{unused:#?}");
     standin.stop();
 }
 
@@ -238,5 +241,57 @@ fn killed_while_the_next_session_is_open_but_not_yet_buffered_nothing_is_lost_or
     assert_ne!(done["KILL-P2"], early, "the session nobody named is never used");
     let orphan = standin.session(&early).unwrap();
     assert!(!orphan.completed && orphan.photos.is_empty() && orphan.upload_requests == 0, "{orphan:#?}");
+    standin.stop();
+}
+
+#[test]
+fn killed_while_a_complete_is_on_its_way_and_the_next_inspection_uploads_nothing_is_completed_twice() {
+    let standin = StandIn::start(StandInConfig::default(), Arc::new(SystemClock::new())).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (config, state) = kill_rig(&standin, dir.path());
+    let cases = {
+        let mut store = Store::open(&state, CAPS, SystemTime::now()).unwrap();
+        [
+            (captured(&mut store, "KILL-C1", &EXTERIOR, 100, SystemTime::now()), "KILL-C1"),
+            (captured(&mut store, "KILL-C2", &EXTERIOR, 100, SystemTime::now()), "KILL-C2"),
+        ]
+    };
+    // The first complete takes effect and its answer is held; the second inspection's images
+    // go meanwhile. Kill once they have.
+    standin.hold_after_accepting_next(1, Duration::from_secs(120), "/api/complete");
+    let mut child = upload(&config);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let requests = standin.requests();
+        let held = requests.iter().any(|r| r.fault == Some(FaultKind::HeldAfterAccepting));
+        let second_sent = standin.sessions().iter().any(|s| s.case_id == "KILL-C2" && !s.photos.is_empty());
+        if held && second_sent {
+            break;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let out = child.wait_with_output().unwrap();
+            panic!("upload ended ({status}) too early: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the second inspection never went while the first completed: {requests:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    standin.clear_faults();
+
+    let out = upload(&config).wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let store = Store::open(&state, CAPS, SystemTime::now()).unwrap();
+    assert_no_image_in_the_wrong_session(&standin, &store, &cases);
+    let completes = standin.requests().iter().filter(|r| r.path == "/api/complete").count();
+    assert_eq!(completes, 2, "one complete per inspection, the held one never sent again");
     standin.stop();
 }

@@ -112,19 +112,24 @@ impl Store {
         Ok(self.summaries_in(&tx, Some(InspectionId(id)))?.pop())
     }
 
-    /// The inspection that waits right behind `current` in the upload queue (same order as
-    /// [`Store::next_to_upload`]), or `None`. The uploader authenticates it ahead of time.
-    pub fn next_to_upload_after(
+    /// The first inspection waiting for upload other than those in `besides` (same order as
+    /// [`Store::next_to_upload`]), or `None`: the uploader authenticates it ahead of time, or
+    /// goes on with it while an earlier one's `complete` is on its way.
+    pub fn next_to_upload_besides(
         &self,
-        current: InspectionId,
+        besides: &[InspectionId],
     ) -> Result<Option<InspectionSummary>, StoreError> {
         let err = |e| sqlite_error(&self.path, e);
         let tx = self.conn.unchecked_transaction().map_err(err)?;
+        let skip = vec!["?"; besides.len()].join(", ");
         let id: Option<i64> = tx
             .query_row(
-                "SELECT id FROM inspections INDEXED BY inspections_upload_queue
-                 WHERE state IN ('captured', 'uploading') AND id <> ?1 ORDER BY queue_rank, id LIMIT 1",
-                [current.0],
+                &format!(
+                    "SELECT id FROM inspections INDEXED BY inspections_upload_queue
+                     WHERE state IN ('captured', 'uploading') AND id NOT IN ({skip})
+                     ORDER BY queue_rank, id LIMIT 1"
+                ),
+                rusqlite::params_from_iter(besides.iter().map(|i| i.0)),
                 |r| r.get(0),
             )
             .optional()
