@@ -1,8 +1,11 @@
-//! The uploader: takes buffered inspections to the cloud, oldest first, one request at a time,
-//! and never blocks capture (it runs on its own thread with its own connection to the buffer).
+//! The uploader: takes buffered inspections to the cloud, oldest first, and never blocks capture
+//! (it runs on its own thread with its own connection to the buffer).
 //!
 //! Each call of [`Uploader::pump`] does the work that is due now for the oldest inspection
-//! waiting (`captured` or `uploading`) and says when to call again. Per inspection:
+//! waiting (`captured` or `uploading`) and says when to call again. The link is kept busy by
+//! two sessions in flight at most: the next inspection is authenticated on a second thread
+//! while this one's images travel ([`Prefetch`]), and this one's `complete` goes on a second
+//! thread while the next one's images travel ([`Completing`]). Per inspection:
 //!
 //! 1. **Clock.** Nothing is signed while the kiosk's clock is known to be wrong: the `Date` of
 //!    the last answer judges it ([`ClockTrust`]); before the first answer, a plain `GET /` asks
@@ -222,14 +225,15 @@ impl Uploader {
     /// Does the upload work due now and says when to call again. Never panics on what the cloud
     /// or the buffer says; errors become waits or a `failed` inspection with its reason.
     pub fn pump(&mut self, store: &mut Store, events: &mut dyn FnMut(Event)) -> Pump {
+        // A complete sent in the background whose answer is in is settled first, even during a
+        // wait: the inspection is done at the cloud, and the buffer should say so.
+        if self.completing.as_ref().is_some_and(|c| c.handle.is_finished()) {
+            return self.settle_completing(store, events);
+        }
         let now = self.clock.monotonic();
         if now < self.not_before {
             let why = self.link.last_error.clone().unwrap_or_else(|| "waiting".to_owned());
             return Pump::Wait(self.not_before - now, why);
-        }
-        // A complete sent in the background whose answer is in is settled first.
-        if self.completing.as_ref().is_some_and(|c| c.handle.is_finished()) {
-            return self.settle_completing(store, events);
         }
         let next = match self.completing.as_ref() {
             Some(c) => store.next_to_upload_besides(&[c.inspection.id]),
