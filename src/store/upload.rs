@@ -112,6 +112,32 @@ impl Store {
         Ok(self.summaries_in(&tx, Some(InspectionId(id)))?.pop())
     }
 
+    /// The first inspection waiting for upload other than those in `besides` (same order as
+    /// [`Store::next_to_upload`]), or `None`: the uploader authenticates it ahead of time, or
+    /// goes on with it while an earlier one's `complete` is on its way.
+    pub fn next_to_upload_besides(
+        &self,
+        besides: &[InspectionId],
+    ) -> Result<Option<InspectionSummary>, StoreError> {
+        let err = |e| sqlite_error(&self.path, e);
+        let tx = self.conn.unchecked_transaction().map_err(err)?;
+        let skip = vec!["?"; besides.len()].join(", ");
+        let id: Option<i64> = tx
+            .query_row(
+                &format!(
+                    "SELECT id FROM inspections INDEXED BY inspections_upload_queue
+                     WHERE state IN ('captured', 'uploading') AND id NOT IN ({skip})
+                     ORDER BY queue_rank, id LIMIT 1"
+                ),
+                rusqlite::params_from_iter(besides.iter().map(|i| i.0)),
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(err)?;
+        let Some(id) = id else { return Ok(None) };
+        Ok(self.summaries_in(&tx, Some(InspectionId(id)))?.pop())
+    }
+
     /// Records that `session` was opened for this inspection. Written before the first image
     /// goes, so that after a crash the uploader asks the cloud what this session holds.
     pub fn open_session(&mut self, id: InspectionId, session: &str) -> Result<(), StoreError> {

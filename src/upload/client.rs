@@ -251,6 +251,33 @@ impl Client {
         })
     }
 
+    /// A second client of the same account on the same agent, so on the same pool of kept-alive
+    /// connections (ureq's agent keeps idle connections per host and reuses them across calls
+    /// and inspections). It reports nothing to `alive`: that is the first client's, which covers
+    /// the wait for the twin with [`Client::while_waiting`].
+    pub fn twin(&self) -> Client {
+        Client {
+            base_url: self.base_url.clone(),
+            username: self.username.clone(),
+            api_key: self.api_key.clone(),
+            client_id: self.client_id.clone(),
+            secret: self.secret.clone(),
+            agent: self.agent.clone(),
+            clock: self.clock.clone(),
+            clock_trust: self.clock_trust,
+            request_timeout: self.request_timeout,
+            alive: None,
+        }
+    }
+
+    /// Runs `wait` (joining a twin's request) reported to `alive` as a request in flight.
+    pub fn while_waiting<T>(&self, wait: impl FnOnce() -> T) -> T {
+        self.in_flight();
+        let out = wait();
+        self.landed();
+        out
+    }
+
     /// Reports every request to `alive` (see [`Alive`]).
     pub fn set_alive(&mut self, alive: Alive) {
         self.alive = Some(alive);

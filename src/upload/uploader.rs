@@ -1,8 +1,11 @@
-//! The uploader: takes buffered inspections to the cloud, oldest first, one request at a time,
-//! and never blocks capture (it runs on its own thread with its own connection to the buffer).
+//! The uploader: takes buffered inspections to the cloud, oldest first, and never blocks capture
+//! (it runs on its own thread with its own connection to the buffer).
 //!
 //! Each call of [`Uploader::pump`] does the work that is due now for the oldest inspection
-//! waiting (`captured` or `uploading`) and says when to call again. Per inspection:
+//! waiting (`captured` or `uploading`) and says when to call again. The link is kept busy by
+//! two sessions in flight at most: the next inspection is authenticated on a second thread
+//! while this one's images travel ([`Prefetch`]), and this one's `complete` goes on a second
+//! thread while the next one's images travel ([`Completing`]). Per inspection:
 //!
 //! 1. **Clock.** Nothing is signed while the kiosk's clock is known to be wrong: the `Date` of
 //!    the last answer judges it ([`ClockTrust`]); before the first answer, a plain `GET /` asks
@@ -124,7 +127,48 @@ pub struct Uploader {
     given_up: Vec<(InspectionId, String, String)>,
     /// Whether the kernel's unsynchronised clock was already reported (once until it syncs).
     told_kernel_unsynced: bool,
+    /// Sessions opened ahead of time (at most two, and then the current inspection's complete
+    /// is settled: at most two sessions are open at once).
+    prefetch: Vec<Prefetch>,
+    /// A `complete` sent on a second thread while the next inspection's images travel.
+    completing: Option<Completing>,
 }
+
+/// A `complete` on its way while the uploader goes on with the next inspection. Its answer is
+/// settled exactly as one awaited in turn, before the next inspection's own `complete` (so
+/// completions stay oldest first), before the queue is called empty, or as soon as it is in.
+/// Meanwhile the pump skips this inspection. A kill while it is on its way is the same window
+/// as a kill during any `complete`: the session is in the buffer and is asked about at restart.
+/// Once this session is consumed, the same thread authenticates the inspection after the next
+/// (so that two sessions at most are ever open: this one or that one, and the next).
+struct Completing {
+    inspection: InspectionSummary,
+    session: String,
+    images: Vec<ImageMeta>,
+    handle: std::thread::JoinHandle<Completed>,
+}
+
+/// The authentication of the inspection waiting behind the one being sent, on a thread of its
+/// own (a [`Client::twin`] on the same agent) while the current one uploads, so that the link
+/// does not idle through that round trip. Its session is written to the buffer only when the
+/// uploader takes it up, before its first image, exactly as a session opened in turn; if the
+/// kiosk stops first, the cloud holds an empty session that nobody names, which expires unused.
+struct Prefetch {
+    id: InspectionId,
+    state: Early,
+}
+
+/// Where an early authentication is.
+enum Early {
+    /// On its own thread.
+    Running(std::thread::JoinHandle<Result<Tokens, Failure>>),
+    /// Done, by the thread of the previous inspection's `complete`.
+    Ready(Result<Tokens, Failure>),
+}
+
+/// What the thread of a background `complete` did: the answer to `complete`, then, if it was
+/// a success, the early authentication of the inspection queued next.
+type Completed = (Result<(), Failure>, Option<(InspectionId, Result<Tokens, Failure>)>);
 
 impl std::fmt::Debug for Uploader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -152,6 +196,8 @@ impl Uploader {
             jitter: Box::new(fastrand::f64),
             given_up: Vec::new(),
             told_kernel_unsynced: false,
+            prefetch: Vec::new(),
+            completing: None,
         }
     }
 
@@ -179,21 +225,64 @@ impl Uploader {
     /// Does the upload work due now and says when to call again. Never panics on what the cloud
     /// or the buffer says; errors become waits or a `failed` inspection with its reason.
     pub fn pump(&mut self, store: &mut Store, events: &mut dyn FnMut(Event)) -> Pump {
+        // A complete sent in the background whose answer is in is settled first, even during a
+        // wait: the inspection is done at the cloud, and the buffer should say so.
+        if self.completing.as_ref().is_some_and(|c| c.handle.is_finished()) {
+            return self.settle_completing(store, events);
+        }
         let now = self.clock.monotonic();
         if now < self.not_before {
             let why = self.link.last_error.clone().unwrap_or_else(|| "waiting".to_owned());
             return Pump::Wait(self.not_before - now, why);
         }
-        let next = match store.next_to_upload() {
+        let next = match self.completing.as_ref() {
+            Some(c) => store.next_to_upload_besides(&[c.inspection.id]),
+            None => store.next_to_upload(),
+        };
+        let next = match next {
             Ok(next) => next,
             Err(e) => return self.buffer_failed(&e),
         };
         let Some(inspection) = next else {
+            if self.completing.is_some() {
+                return self.settle_completing(store, events);
+            }
             self.tokens = None;
+            self.forget_prefetch();
             return Pump::Idle;
         };
         let outcome = self.deliver(store, &inspection, events);
-        for (id, session, why) in std::mem::take(&mut self.given_up) {
+        self.settle(store, &inspection, outcome, events)
+    }
+
+    /// Waits for the `complete` on its way and acts on its answer for its inspection.
+    fn settle_completing(&mut self, store: &mut Store, events: &mut dyn FnMut(Event)) -> Pump {
+        let Some(c) = self.completing.take() else {
+            return Pump::Progress;
+        };
+        let (answer, early) = match self.client.while_waiting(|| c.handle.join()) {
+            Ok(done) => done,
+            Err(_) => (Err(panicked(&format!("complete session {}", c.session))), None),
+        };
+        if let Some((id, early)) = early {
+            self.prefetch.push(Prefetch { id, state: Early::Ready(early) });
+        }
+        let outcome = self.after_complete(store, &c.inspection, &c.session, &c.images, answer, events);
+        self.settle(store, &c.inspection, outcome, events)
+    }
+
+    /// Acts on how delivering (or completing) `inspection` ended.
+    fn settle(
+        &mut self,
+        store: &mut Store,
+        inspection: &InspectionSummary,
+        outcome: Result<(), Stop>,
+        events: &mut dyn FnMut(Event),
+    ) -> Pump {
+        let (mine, others) =
+            std::mem::take(&mut self.given_up).into_iter().partition(|g| g.0 == inspection.id);
+        self.given_up = others;
+        for (id, session, why) in mine {
             events(Event::SessionGivenUp { id, case_id: inspection.case_id.clone(), session, why });
         }
         match outcome {
@@ -229,7 +318,7 @@ impl Uploader {
                 Pump::Wait(wait, why)
             }
             Err(Stop::Refused(reason)) => {
-                self.tokens = None;
+                self.drop_tokens_of(inspection.id);
                 log::error!(
                     inspection_id = inspection.id.0, case_id = inspection.case_id.as_str();
                     "The cloud refused the inspection; it is kept as failed until an operator retries it: {reason}"
@@ -312,6 +401,9 @@ impl Uploader {
             },
         };
 
+        // The next inspection's session is opened while this one's images travel.
+        self.prefetch_next(store, id);
+
         // The images the session does not hold yet.
         let sent = store.sent(id, &session)?;
         let todo: Vec<&ImageMeta> = images.iter().filter(|m| sent.get(&m.angle) != Some(&m.sha256)).collect();
@@ -323,15 +415,65 @@ impl Uploader {
             }
         }
 
-        // Complete.
+        // Complete, after the answer to the previous inspection's complete is settled. When
+        // another inspection waits, this one goes on a second thread while that one uploads.
+        if self.completing.is_some() {
+            let _ = self.settle_completing(store, events);
+        }
         let labels: Vec<PhotoLabel> = images.iter().map(|m| m.angle).collect();
-        match self.client.complete(&session, case_id, &labels) {
-            Ok(()) => self.completed(store, inspection, &session, &images, events),
+        if matches!(store.next_to_upload_besides(&[id]), Ok(Some(_))) {
+            let mut twin = self.client.twin();
+            let (s, c) = (session.clone(), case_id.to_owned());
+            let mut besides = vec![id];
+            besides.extend(self.prefetch.iter().map(|p| p.id));
+            // Only while the next inspection's session is already open: the one after it is
+            // opened once this one is consumed (never three open at once).
+            let after = if self.prefetch.len() == 1 { self.to_open_early(store, &besides) } else { None };
+            let spawned = std::thread::Builder::new().name("upload-complete".to_owned()).spawn(move || {
+                let answer = twin.complete(&s, &c, &labels);
+                let early = match (&answer, after) {
+                    (Ok(()), Some((next, case_id, vehicle))) => {
+                        Some((next, twin.authenticate(&case_id, vehicle.as_ref())))
+                    }
+                    _ => None,
+                };
+                (answer, early)
+            });
+            match spawned {
+                Ok(handle) => {
+                    self.completing =
+                        Some(Completing { inspection: inspection.clone(), session, images, handle });
+                    return Ok(());
+                }
+                Err(e) => {
+                    log::warn!(inspection_id = id.0; "Could not start a thread for complete; it is sent in turn: {e}");
+                }
+            }
+        }
+        let labels: Vec<PhotoLabel> = images.iter().map(|m| m.angle).collect();
+        let answer = self.client.complete(&session, case_id, &labels);
+        self.after_complete(store, inspection, &session, &images, answer, events)
+    }
+
+    /// Acts on the answer to `complete` (or the lack of one).
+    fn after_complete(
+        &mut self,
+        store: &mut Store,
+        inspection: &InspectionSummary,
+        session: &str,
+        images: &[ImageMeta],
+        answer: Result<(), Failure>,
+        events: &mut dyn FnMut(Event),
+    ) -> Result<(), Stop> {
+        let id = inspection.id;
+        let session = session.to_owned();
+        match answer {
+            Ok(()) => self.completed(store, inspection, &session, images, events),
             Err(f) if f.verdict == Verdict::SessionConsumed => {
                 // A complete whose answer was lost consumed it; ask before deciding.
                 match self.client.session(&session) {
                     Ok(info) if matches!(info.status.as_str(), "PROCESS" | "COMPLETE") => {
-                        self.completed(store, inspection, &session, &images, events)
+                        self.completed(store, inspection, &session, images, events)
                     }
                     Ok(_) | Err(_) => self.give_up(store, id, &session, &f.detail),
                 }
@@ -346,7 +488,7 @@ impl Uploader {
                 // would: the next try asks `GET /v1/sessions/{s}` and completes only a session
                 // the cloud says is still open. A second complete is never sent blind.
                 log::warn!(inspection_id = id.0, session = session.as_str(); "The answer to complete was lost; the session is asked about before anything else");
-                self.tokens = None;
+                self.drop_tokens_of(id);
                 Err(self.failure(store, id, &session, f, events))
             }
             Err(f) => Err(self.failure(store, id, &session, f, events)),
@@ -446,12 +588,17 @@ impl Uploader {
 
     fn open_session(&mut self, store: &mut Store, inspection: &InspectionSummary) -> Result<String, Stop> {
         let id = inspection.id;
-        let vehicle = store.vehicle_json(id)?;
-        let tokens = match self.client.authenticate(&inspection.case_id, vehicle.as_ref()) {
-            Ok(t) => t,
-            Err(f) => {
-                let mut nothing = |_| {};
-                return Err(self.failure(store, id, "", f, &mut nothing));
+        let tokens = match self.take_prefetched(id) {
+            Some(tokens) => tokens,
+            None => {
+                let vehicle = store.vehicle_json(id)?;
+                match self.client.authenticate(&inspection.case_id, vehicle.as_ref()) {
+                    Ok(t) => t,
+                    Err(f) => {
+                        let mut nothing = |_| {};
+                        return Err(self.failure(store, id, "", f, &mut nothing));
+                    }
+                }
             }
         };
         let session = tokens.session.clone();
@@ -459,6 +606,91 @@ impl Uploader {
         log::info!(inspection_id = id.0, case_id = inspection.case_id.as_str(), session = session.as_str(); "Cloud session opened");
         self.tokens = Some((id, tokens));
         Ok(session)
+    }
+
+    /// Starts authenticating the inspection queued behind `current`, unless one is already
+    /// running or that inspection names a session in the buffer (that one is asked about first,
+    /// in turn). At most two sessions are thus in flight: the current one and the next.
+    fn prefetch_next(&mut self, store: &Store, current: InspectionId) {
+        if !self.prefetch.is_empty() || self.completing.is_some() {
+            return;
+        }
+        let Some((next, case_id, vehicle)) = self.to_open_early(store, &[current]) else {
+            return;
+        };
+        let mut twin = self.client.twin();
+        let spawned = std::thread::Builder::new()
+            .name("upload-prefetch".to_owned())
+            .spawn(move || twin.authenticate(&case_id, vehicle.as_ref()));
+        match spawned {
+            Ok(handle) => {
+                log::debug!(inspection_id = next.0; "Opening the next inspection's session while this one uploads");
+                self.prefetch.push(Prefetch { id: next, state: Early::Running(handle) });
+            }
+            Err(e) => {
+                log::warn!(inspection_id = next.0; "Could not start a thread to open the next session early; it is opened in turn: {e}");
+            }
+        }
+    }
+
+    /// The inspection whose session may be opened early: the first one waiting besides
+    /// `besides` that names no session in the buffer (one that does is asked about first, in
+    /// turn), with its case id and vehicle.
+    fn to_open_early(
+        &self,
+        store: &Store,
+        besides: &[InspectionId],
+    ) -> Option<(InspectionId, String, Option<serde_json::Value>)> {
+        let next = match store.next_to_upload_besides(besides) {
+            Ok(next) => next?,
+            Err(e) => {
+                log::warn!("Could not look up the next inspection to upload: {e}");
+                return None;
+            }
+        };
+        if !matches!(store.upload_state(next.id), Ok(u) if u.session.is_none()) {
+            return None;
+        }
+        // A vehicle that cannot be read is read again in turn, where it gets its clear error.
+        let vehicle = store.vehicle_json(next.id).ok()?;
+        Some((next.id, next.case_id, vehicle))
+    }
+
+    /// The tokens opened ahead of time for inspection `id`, if they are there and still fresh.
+    /// A prefetch for another inspection stays where it is.
+    fn take_prefetched(&mut self, id: InspectionId) -> Option<Tokens> {
+        let at = self.prefetch.iter().position(|p| p.id == id)?;
+        let prefetch = self.prefetch.remove(at);
+        match self.early_result(prefetch.state) {
+            Ok(tokens) if tokens.fresh(self.clock.monotonic()) => Some(tokens),
+            Ok(tokens) => {
+                log::info!(inspection_id = id.0, session = tokens.session.as_str(); "A session opened ahead of time aged before use; it expires unused and a new one is opened");
+                None
+            }
+            Err(f) => {
+                log::debug!(inspection_id = id.0, error = f.detail.as_str(); "Opening the session ahead of time failed; it is opened in turn");
+                None
+            }
+        }
+    }
+
+    fn early_result(&self, state: Early) -> Result<Tokens, Failure> {
+        match state {
+            Early::Ready(result) => result,
+            Early::Running(handle) => self
+                .client
+                .while_waiting(|| handle.join())
+                .unwrap_or_else(|_| Err(panicked("authenticate ahead of time"))),
+        }
+    }
+
+    /// Waits for a prefetch nobody will take (the queue ran empty): its session expires unused.
+    fn forget_prefetch(&mut self) {
+        for prefetch in std::mem::take(&mut self.prefetch) {
+            if let Ok(tokens) = self.early_result(prefetch.state) {
+                log::info!(inspection_id = prefetch.id.0, session = tokens.session.as_str(); "A session opened ahead of time was not needed; it expires unused");
+            }
+        }
     }
 
     fn send_batch(
@@ -523,7 +755,7 @@ impl Uploader {
     ) -> Result<(), Stop> {
         store.set_state(inspection.id, InspectionState::Completed, None, self.clock.wall())?;
         store.set_upload_error(inspection.id, None)?;
-        self.tokens = None;
+        self.drop_tokens_of(inspection.id);
         let bytes = images.iter().map(|m| m.bytes).sum();
         log::info!(
             inspection_id = inspection.id.0, case_id = inspection.case_id.as_str(), session = session, images = images.len() as u64, bytes = bytes;
@@ -539,6 +771,14 @@ impl Uploader {
         Ok(())
     }
 
+    /// Forgets the tokens in memory if they are inspection `id`'s (those of the inspection
+    /// being sent stay while an earlier one's complete is settled).
+    fn drop_tokens_of(&mut self, id: InspectionId) {
+        if self.tokens.as_ref().is_some_and(|(owner, _)| *owner == id) {
+            self.tokens = None;
+        }
+    }
+
     /// Gives up the inspection's open session for good and remembers to say so.
     fn abandon(&mut self, store: &mut Store, id: InspectionId, why: &str) -> Result<(), StoreError> {
         if let Some(session) = store.upload_state(id)?.session {
@@ -550,7 +790,7 @@ impl Uploader {
     fn give_up(&mut self, store: &mut Store, id: InspectionId, session: &str, why: &str) -> Result<(), Stop> {
         log::warn!(inspection_id = id.0, session = session; "Cloud session given up; every image goes again under a new one: {why}");
         self.abandon(store, id, why)?;
-        self.tokens = None;
+        self.drop_tokens_of(id);
         Err(Stop::Again)
     }
 
@@ -567,7 +807,7 @@ impl Uploader {
             Verdict::Done => Stop::Again,
             Verdict::Reauthenticate | Verdict::SessionExpired | Verdict::SessionConsumed => {
                 if session.is_empty() {
-                    self.tokens = None;
+                    self.drop_tokens_of(id);
                     return Stop::Again;
                 }
                 match self.give_up(store, id, session, &f.detail) {
@@ -597,6 +837,15 @@ impl Uploader {
             }
             Verdict::Permanent(_) => Stop::Refused(f.detail),
         }
+    }
+}
+
+/// A helper thread that died: treated as a request whose answer was lost.
+fn panicked(what: &str) -> Failure {
+    Failure {
+        verdict: Verdict::Backoff,
+        detail: format!("{what}: the thread sending it panicked"),
+        missing: Vec::new(),
     }
 }
 
