@@ -472,6 +472,15 @@ impl Link {
                     outbox.announce = true;
                 }
             }
+            // Events and acks first, then the state that already counts them: a reader sees
+            // them in `seq` order.
+            while let Some((topic, payload)) = outbox.queue.pop_front() {
+                if client.try_publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone()).is_err() {
+                    // rumqttc's request queue is full (a burst): keep it for the next round.
+                    outbox.queue.push_front((topic, payload));
+                    break;
+                }
+            }
             if outbox.state.is_some() && last_state_at.is_none_or(|t| t.elapsed() >= STATE_MIN_INTERVAL) {
                 if let Some(state) = outbox.state.take() {
                     match client.try_publish(self.topics.state(), QoS::AtLeastOnce, true, state.clone()) {
@@ -481,13 +490,6 @@ impl Link {
                         }
                         Err(_) => outbox.state = Some(state),
                     }
-                }
-            }
-            while let Some((topic, payload)) = outbox.queue.pop_front() {
-                if client.try_publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone()).is_err() {
-                    // rumqttc's request queue is full (a burst): keep it for the next round.
-                    outbox.queue.push_front((topic, payload));
-                    break;
                 }
             }
             drop(outbox);
