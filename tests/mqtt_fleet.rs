@@ -175,6 +175,38 @@ fn two_kiosks_with_the_same_bay_id_stop_fighting_over_the_session_and_say_so() {
     drop(broker);
 }
 
+#[test]
+fn a_broker_killed_and_restarted_again_and_again_is_no_twin_and_the_bay_comes_straight_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bay = tmp.path().join("bay");
+    std::fs::create_dir_all(&bay).unwrap();
+    let port = support::free_port();
+    let conf = format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n");
+    let mut broker = support::mosquitto_conf(tmp.path(), &conf, port);
+    let url = format!("url = \"mqtt://127.0.0.1:{port}\"");
+    let kiosk = Kiosk::run(&support::bay_config(&bay, "bay-flap", &url));
+    let root = "capture-kiosk/bay-flap";
+    let mut operator = Probe::connect(port, "operator-0", None);
+    assert!(operator.subscribe(&format!("{root}/#")));
+    operator.text(&format!("{root}/status"), "online");
+    // The broker is killed and back within moments, more times in a row than a twin needs to
+    // be suspected: each time the bay finds its session gone, which no twin would cause.
+    for round in 0..8 {
+        drop(broker);
+        broker = support::mosquitto_conf(tmp.path(), &conf, port);
+        let mut operator = Probe::connect(port, &format!("operator-{}", round + 1), None);
+        assert!(operator.subscribe(&format!("{root}/#")));
+        operator.text(&format!("{root}/status"), "online");
+    }
+    assert!(!kiosk.log().contains("taken over"), "{}", kiosk.log());
+    let mut operator = Probe::connect(port, "operator-last", None);
+    assert!(operator.subscribe(&format!("{root}/#")));
+    operator.publish(&format!("{root}/cmd/ping"), r#"{"command_id":"flap-ping"}"#);
+    let ack = operator.json(&format!("{root}/cmd/ping/ack"), |v| v["command_id"] == "flap-ping");
+    assert_eq!(ack["status"], "succeeded");
+    drop(broker);
+}
+
 /// The example ACL, a password file made with mosquitto_passwd, and a broker using both.
 fn acl_broker(dir: &Path, extra_acl: &str, users: &[&str]) -> (u16, support::Mosquitto) {
     let acl = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/mosquitto/acl.example"))

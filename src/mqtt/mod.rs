@@ -323,7 +323,7 @@ impl Link {
                 Ok(Event::Incoming(Packet::ConnAck(connack))) => {
                     failures = 0;
                     last_reason.clear();
-                    watch.connected(epoch.elapsed());
+                    watch.connected(epoch.elapsed(), connack.session_present);
                     let _ = self.shared.client.try_subscribe(self.topics.commands(), QoS::AtLeastOnce);
                     {
                         // Events and acks queued before a loss stay queued and go out now.
@@ -414,11 +414,11 @@ impl Link {
                         }
                     };
                     if loss == Loss::NowSuspected {
-                        log::error!(broker = broker, client_id = client_id, retry_in_s = delay.as_secs(); "MQTT session taken over again and again right after connecting: another client uses this client id (a second kiosk with the same bay_id?); reconnecting only about once a minute until it is gone");
+                        log::error!(broker = broker, client_id = client_id, retry_in_s = delay.as_secs(); "MQTT session taken over again and again right after connecting: another client uses this client id (a second kiosk with the same bay_id?); reconnecting only every 10-20 s until it is gone");
                         on_event(LinkEvent::Alert {
                             kind: ALERT_CLIENT_ID_IN_USE,
                             reason: format!(
-                                "another client keeps taking over the MQTT session of client id {client_id} at {broker} (a second kiosk with the same bay_id?); this bay reconnects only about once a minute: stop the other one or give it its own bay_id"
+                                "another client keeps taking over the MQTT session of client id {client_id} at {broker} (a second kiosk with the same bay_id?); this bay reconnects only every 10-20 s: stop the other one or give it its own bay_id"
                             ),
                         });
                     }

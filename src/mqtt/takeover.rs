@@ -5,11 +5,12 @@
 //!
 //! MQTT 3.1.1 gives no reason when the broker closes a connection, so the watch goes by the
 //! pattern: [`SHORT_SESSIONS_TO_SUSPECT`] connections in a row closed by the broker (a clean end
-//! of stream, not a network error) within [`SHORT_SESSION`] of being accepted, each reconnect in
-//! between accepted at its first attempt. A broker that restarts or vanishes refuses at least
-//! one attempt, and a flaky network ends connections with errors: neither counts. From then on
-//! the kiosk reconnects only every minute or so after a loss ([`SUSPECTED_RETRY`], jittered),
-//! and says so, until a connection lasts [`STABLE_SESSION`].
+//! of stream, not a network error) within [`SHORT_SESSION`] of being accepted, each accepted with
+//! the bay's session present (the twin held it a moment ago) and at its first attempt. A broker
+//! that restarts loses the session (unless it saved it), or refuses an attempt while it is
+//! away, and a flaky network ends connections with errors: none of these counts. From then on
+//! the kiosk waits [`SUSPECTED_RETRY`] (jittered) before reconnecting after a loss, and says
+//! so, until a connection lasts [`STABLE_SESSION`].
 
 use std::time::Duration;
 
@@ -20,9 +21,9 @@ pub const SHORT_SESSIONS_TO_SUSPECT: u32 = 5;
 /// A connection that lasts this long clears the suspicion.
 pub const STABLE_SESSION: Duration = Duration::from_secs(30 * 60);
 /// The longest pause before reconnecting after a loss while suspected (at least half of it):
-/// long enough that two kiosks with one id stop throwing each other off many times a second,
-/// short enough that a wrong suspicion costs a bay only a minute of MQTT.
-pub const SUSPECTED_RETRY: Duration = Duration::from_secs(60);
+/// long enough that two kiosks with one id stop throwing each other off several times a
+/// second, short enough that a wrong suspicion costs a bay only seconds of MQTT.
+pub const SUSPECTED_RETRY: Duration = Duration::from_secs(20);
 
 /// What a lost connection means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,14 +40,17 @@ pub enum Loss {
 #[derive(Debug, Clone, Default)]
 pub struct TakeoverWatch {
     connected_at: Option<Duration>,
+    /// Whether the broker still held the bay's session when it accepted the connection.
+    session_present: bool,
     short_in_a_row: u32,
     suspected: bool,
 }
 
 impl TakeoverWatch {
-    /// The broker accepted a connection at `now`.
-    pub fn connected(&mut self, now: Duration) {
+    /// The broker accepted a connection at `now`, saying whether it still held the session.
+    pub fn connected(&mut self, now: Duration, session_present: bool) {
         self.connected_at = Some(now);
+        self.session_present = session_present;
     }
 
     /// The connection is still up at `now`; `true` once, when it has lasted long enough to clear
@@ -82,6 +86,10 @@ impl TakeoverWatch {
 
     /// The broker closed the connection at `now`.
     pub fn lost(&mut self, now: Duration) -> Loss {
+        if !self.session_present {
+            // The broker had lost the session: it restarted, nobody took the session over.
+            return self.broken();
+        }
         let Some(at) = self.connected_at.take() else { return Loss::Ordinary };
         let lasted = now.saturating_sub(at);
         if self.suspected {
@@ -127,7 +135,7 @@ mod tests {
         let got: Vec<Loss> = sessions
             .iter()
             .map(|&(up, down)| {
-                watch.connected(up);
+                watch.connected(up, true);
                 watch.lost(down)
             })
             .collect();
@@ -185,15 +193,23 @@ mod tests {
         // A refused attempt between short sessions: the broker was away, not taken over.
         let mut watch = TakeoverWatch::default();
         for t in 0..6 {
-            watch.connected(S(t * 3));
+            watch.connected(S(t * 3), true);
             assert_eq!(watch.lost(S(t * 3 + 1)), Loss::Ordinary, "session {t}");
             watch.attempt_failed();
+        }
+        assert!(!watch.is_suspected());
+        // A broker that restarted quickly every time: the session was gone when it took the
+        // kiosk back, and its restarts are no twin however quick.
+        let mut watch = TakeoverWatch::default();
+        for t in 0..10 {
+            watch.connected(S(t * 2), false);
+            assert_eq!(watch.lost(S(t * 2 + 1)), Loss::Ordinary, "session {t}");
         }
         assert!(!watch.is_suspected());
         // Network errors in between likewise.
         let mut watch = TakeoverWatch::default();
         for t in 0..6 {
-            watch.connected(S(t * 2));
+            watch.connected(S(t * 2), true);
             let loss = if t % 2 == 0 { watch.lost(S(t * 2 + 1)) } else { watch.broken() };
             assert_eq!(loss, Loss::Ordinary, "session {t}");
         }
@@ -201,12 +217,12 @@ mod tests {
         // Once suspected, a network error or a refused attempt keeps the suspicion.
         let mut watch = TakeoverWatch::default();
         for t in 0..SHORT_SESSIONS_TO_SUSPECT as u64 {
-            watch.connected(S(t * 2));
+            watch.connected(S(t * 2), true);
             watch.lost(S(t * 2 + 1));
         }
         assert!(watch.is_suspected());
         watch.attempt_failed();
-        watch.connected(S(200));
+        watch.connected(S(200), true);
         assert_eq!(watch.broken(), Loss::StillSuspected);
         assert!(watch.is_suspected());
     }
@@ -215,11 +231,11 @@ mod tests {
     fn a_stable_connection_clears_the_suspicion_once() {
         let mut watch = TakeoverWatch::default();
         for t in 0..SHORT_SESSIONS_TO_SUSPECT as u64 {
-            watch.connected(S(t * 2));
+            watch.connected(S(t * 2), true);
             watch.lost(S(t * 2 + 1));
         }
         assert!(watch.is_suspected());
-        watch.connected(S(100));
+        watch.connected(S(100), true);
         assert!(!watch.still_connected(S(100) + STABLE_SESSION - S(1)));
         assert!(watch.still_connected(S(100) + STABLE_SESSION));
         assert!(!watch.still_connected(S(100) + STABLE_SESSION + S(1)));
@@ -228,10 +244,10 @@ mod tests {
     }
 
     #[test]
-    fn the_suspected_retry_is_about_a_minute_and_jittered() {
+    fn the_suspected_retry_is_seconds_and_jittered() {
         assert_eq!(TakeoverWatch::suspected_retry(0.0), SUSPECTED_RETRY / 2);
         assert_eq!(TakeoverWatch::suspected_retry(1.0), SUSPECTED_RETRY);
         assert_eq!(TakeoverWatch::suspected_retry(7.0), SUSPECTED_RETRY);
-        assert!(TakeoverWatch::suspected_retry(0.5) >= Duration::from_secs(45));
+        assert!(TakeoverWatch::suspected_retry(0.5) >= Duration::from_secs(10));
     }
 }
