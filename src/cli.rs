@@ -1002,7 +1002,7 @@ impl UploadDisplay {
     fn show(&mut self, e: &Event) {
         let line = match e {
             Event::Started { id, case_id } => format!("inspection {id} ({case_id}): started"),
-            Event::Sent { id, labels, bytes } => {
+            Event::Sent { id, labels, bytes, .. } => {
                 let names: Vec<&str> = labels.iter().map(|l| l.as_str()).collect();
                 format!("inspection {id}: sent {} ({})", names.join(","), ByteSize(*bytes))
             }

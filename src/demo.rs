@@ -19,6 +19,10 @@ use crate::imaging::ResizeSpec;
 use crate::inspection::{self, Outcome, Progress, Request, Rig, Settings};
 use crate::mqtt::Link;
 use crate::standin::{StandIn, StandInConfig};
+use crate::status::{
+    self, BufferStatus, CameraState, CameraStatus, CloudStatus, Event as StatusEvent, EventKind,
+    InspectionStatus, Lifecycle, Stage, State,
+};
 use crate::store::{Caps, Store};
 use crate::upload::Event;
 use crate::vehicle::{CaseId, PhotoLabel, Vehicle, Vin};
@@ -84,6 +88,7 @@ pub fn run(options: &DemoOptions, say: &mut dyn FnMut(&str)) -> anyhow::Result<D
         })
         .collect();
     let count = cameras.len();
+    let rig_cameras: Vec<String> = cameras.iter().map(|(id, ..)| id.clone()).collect();
     let mut rig = Rig::from_cameras(cameras);
 
     say(&format!(
@@ -121,12 +126,26 @@ pub fn run(options: &DemoOptions, say: &mut dyn FnMut(&str)) -> anyhow::Result<D
                     "broker {url} did not answer within 3 s; the demo goes on and publishes once it does"
                 ));
             }
-            Some(DemoStatus { link, seq: 0, done: 0, angles: angles.len() })
+            let buffer = store
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .another_handle()
+                .context("the demo cannot read its buffer")?;
+            Some(DemoStatus {
+                link,
+                buffer,
+                seq: 0,
+                boot_id: format!("{:016x}", fastrand::u64(..)),
+                started,
+                cameras: rig_cameras.clone(),
+                inspection: None,
+                settings,
+            })
         }
     };
     let mut broker = broker;
     if let Some(b) = &mut broker {
-        b.state("capturing", None);
+        b.state(Stage::Capturing);
     }
 
     let request = Request {
@@ -156,9 +175,15 @@ pub fn run(options: &DemoOptions, say: &mut dyn FnMut(&str)) -> anyhow::Result<D
         }
     })?;
     if let Some(mut b) = broker {
-        b.event(serde_json::json!({"type": "inspection_captured", "inspection_id": outcome.inspection_id,
-            "case_id": request.case_id.as_str(), "state": outcome.state.as_str(), "images": outcome.captured.len()}));
-        b.state("idle", None);
+        b.event(EventKind::of_capture_end(
+            outcome.inspection_id.0,
+            request.case_id.as_str(),
+            outcome.state,
+            outcome.captured.len() as u64,
+            outcome.stored_bytes,
+        ));
+        b.inspection = None;
+        b.state(Stage::Idle);
         std::thread::sleep(Duration::from_millis(300));
         b.link.stop(Duration::from_secs(2));
     }
@@ -291,50 +316,77 @@ fn write_owner_only(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> 
 /// The demo's bay id on MQTT.
 const DEMO_BAY: &str = "demo";
 
-/// What the demo publishes: the same topics and payload shapes as the daemon, kept simple.
+/// What the demo publishes: the daemon's topics and payload types ([`crate::status`]), for a
+/// bay that captures once and uploads to a stand-in.
 struct DemoStatus {
     link: Link,
+    /// A handle of its own on the buffer, so that a state never waits on the capture.
+    buffer: Store,
     seq: u64,
-    done: usize,
-    angles: usize,
+    boot_id: String,
+    started: Instant,
+    cameras: Vec<String>,
+    inspection: Option<InspectionStatus>,
+    settings: Settings,
 }
 
 impl DemoStatus {
-    fn event(&mut self, mut event: serde_json::Value) {
+    fn event(&mut self, kind: EventKind) {
         self.seq += 1;
-        event["ts"] = serde_json::json!(rfc3339_seconds(std::time::SystemTime::now()));
-        event["seq"] = serde_json::json!(self.seq);
-        self.link.event(event.to_string().into_bytes());
+        let event = StatusEvent { ts: rfc3339_seconds(std::time::SystemTime::now()), seq: self.seq, kind };
+        self.link.event(status::to_bytes(&event));
     }
 
-    fn state(&mut self, stage: &str, inspection: Option<serde_json::Value>) {
+    fn state(&mut self, stage: Stage) {
         self.seq += 1;
-        let state = serde_json::json!({
-            "ts": rfc3339_seconds(std::time::SystemTime::now()), "seq": self.seq,
-            "version": env!("CARGO_PKG_VERSION"), "lifecycle": "ready", "stage": stage,
-            "inspection": inspection,
-        });
-        self.link.set_state(state.to_string().into_bytes());
+        let now = std::time::SystemTime::now();
+        let angles = PhotoLabel::EXTERIOR.len();
+        let buffer = match self.buffer.observe() {
+            Ok(facts) => BufferStatus::of(&facts, now, angles, self.settings.expected_image_bytes()),
+            Err(e) => BufferStatus::unknown(e.to_string(), true),
+        };
+        let online = CameraStatus { status: CameraState::Online, last_frame_age_s: Some(0), reason: None };
+        let state = State {
+            ts: rfc3339_seconds(now),
+            seq: self.seq,
+            boot_id: self.boot_id.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            lifecycle: Lifecycle::Ready,
+            alerts: Vec::new(),
+            stage,
+            inspection: self.inspection.clone(),
+            cameras: self.cameras.iter().map(|c| (c.clone(), online.clone())).collect(),
+            buffer,
+            cloud: CloudStatus {
+                reachable: false,
+                clock_synced: Some(true),
+                last_upload_at: None,
+                last_error: Some(
+                    "demo: the upload runs after the capture, against a local stand-in".to_owned(),
+                ),
+            },
+            uptime_s: self.started.elapsed().as_secs(),
+        };
+        self.link.set_state(status::to_bytes(&state));
     }
 
     fn progress(&mut self, p: &Progress, case_id: &str) {
-        let event = match p {
-            Progress::Started { inspection_id, .. } => serde_json::json!({"type": "inspection_started",
-                "inspection_id": inspection_id, "case_id": case_id}),
-            Progress::Captured { angle, camera, bytes, .. } => {
-                self.done += 1;
-                serde_json::json!({"type": "angle_captured", "case_id": case_id, "angle": angle.as_str(),
-                    "camera": camera, "bytes": bytes})
+        if let Progress::Started { inspection_id, angles } = p {
+            self.inspection = Some(InspectionStatus {
+                inspection_id: Some(inspection_id.0),
+                case_id: case_id.to_owned(),
+                angles: angles.len(),
+                done: 0,
+            });
+        }
+        if matches!(p, Progress::Captured { .. } | Progress::Failed { .. }) {
+            if let Some(i) = &mut self.inspection {
+                i.done += 1;
             }
-            Progress::Failed { angle, camera, reason } => {
-                self.done += 1;
-                serde_json::json!({"type": "angle_failed", "case_id": case_id, "angle": angle.as_str(),
-                    "camera": camera, "reason": reason})
-            }
-            Progress::Retrying { .. } => return,
-        };
-        self.event(event);
-        let inspection = serde_json::json!({"case_id": case_id, "angles": self.angles, "done": self.done});
-        self.state("capturing", Some(inspection));
+        }
+        let inspection_id = self.inspection.as_ref().and_then(|i| i.inspection_id);
+        let Some(kind) = EventKind::of_progress(p, case_id, inspection_id) else { return };
+        self.event(kind);
+        self.state(Stage::Capturing);
     }
 }

@@ -15,6 +15,7 @@ pub mod inspection;
 pub mod logging;
 pub mod mqtt;
 pub mod standin;
+pub mod status;
 pub mod store;
 pub mod upload;
 pub mod vehicle;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::store::{InspectionId, Store};
+use crate::store::Store;
 use crate::upload::client::Alive;
 use crate::upload::{Event, Pump, Uploader};
 
@@ -72,8 +72,7 @@ impl UploadLeg for CaptureOnly {
 }
 
 /// The leg of a bay with `[cloud]`: the [`Uploader`] on its own connection to the buffer.
-/// Its events are turned into the daemon's after each pump, when the buffer can be asked for
-/// the case id and how many images the session holds.
+/// Its events are turned into the daemon's as they happen.
 pub struct CloudLeg {
     uploader: Uploader,
     /// The leg's handle on the buffer, from [`UploadLeg::attach`].
@@ -92,22 +91,16 @@ impl CloudLeg {
         Ok(Some(CloudLeg { uploader, store: None }))
     }
 
-    fn translate(store: &Store, event: Event) -> UploadEvent {
-        let case_of =
-            |id: InspectionId| store.inspection(id).ok().flatten().map(|i| i.case_id).unwrap_or_default();
+    fn translate(event: Event) -> UploadEvent {
         match event {
             Event::Started { id, case_id } => UploadEvent::Started { inspection_id: id.0, case_id },
-            Event::Sent { id, bytes, .. } => {
-                let total = store.inspection(id).ok().flatten().map_or(0, |i| i.images);
-                let sent = store.upload_state(id).map_or(0, |u| u.sent);
-                UploadEvent::Progress {
-                    inspection_id: id.0,
-                    case_id: case_of(id),
-                    images_sent: sent as u32,
-                    images_total: total as u32,
-                    bytes,
-                }
-            }
+            Event::Sent { id, case_id, bytes, images_sent, images_total, .. } => UploadEvent::Progress {
+                inspection_id: id.0,
+                case_id,
+                images_sent: images_sent as u32,
+                images_total: images_total as u32,
+                bytes,
+            },
             Event::Uploaded { id, case_id, images, bytes, .. } => {
                 UploadEvent::Uploaded { inspection_id: id.0, case_id, images: images as u32, bytes }
             }
@@ -141,11 +134,8 @@ impl UploadLeg for CloudLeg {
             log::error!("The upload leg was started without a handle on the buffer; nothing is uploaded");
             return Duration::from_secs(3600);
         };
-        let mut happened = Vec::new();
-        let next = self.uploader.pump(store, &mut |e| happened.push(e));
-        for event in happened {
-            events(Self::translate(store, event));
-        }
+        // Each event goes out as it happens: `upload_progress` as every request is confirmed.
+        let next = self.uploader.pump(store, &mut |e| events(Self::translate(e)));
         match next {
             Pump::Progress => Duration::ZERO,
             Pump::Wait(wait, _) => wait,

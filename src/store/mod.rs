@@ -220,6 +220,7 @@ mod disk;
 mod error;
 mod handle;
 mod lifecycle;
+mod observe;
 mod prune;
 mod quality;
 mod salvage;
@@ -244,6 +245,7 @@ use crate::vehicle::{CaseId, PhotoLabel, Vehicle};
 pub use caps::Refusal;
 pub use error::StoreError;
 pub use lifecycle::{Exit, INTERRUPTED_REASON};
+pub use observe::BufferFacts;
 pub use prune::{images_digest, PruneRule, PrunedRecord, PRUNED_HISTORY, PRUNE_BATCH};
 pub use quality::{AngleQuality, ImageQuality};
 pub use salvage::{
@@ -941,20 +943,7 @@ impl Store {
         let needed = expected_image_bytes.saturating_mul(angles as u64);
         let space = self.usable_space()?;
         let (buffered, reclaimable) = self.buffered_and_reclaimable()?;
-        let verdict = caps::check_inspection(
-            self.caps,
-            buffered.saturating_sub(reclaimable),
-            space.saturating_add(reclaimable),
-            needed,
-        );
-        // Report the refusal in today's numbers, not in the hoped-for ones.
-        Ok(verdict.err().map(|_| {
-            caps::check_inspection(self.caps, buffered, space, needed).err().unwrap_or(Refusal::MaxBytes {
-                buffered,
-                needed,
-                max_bytes: self.caps.max_bytes,
-            })
-        }))
+        Ok(observe::refusal(self.caps, buffered, reclaimable, space, needed))
     }
 
     /// Runs the full `PRAGMA integrity_check`, re-hashes every image and recounts what the

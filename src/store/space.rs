@@ -63,7 +63,7 @@ impl Store {
         Ok(self.free_pages()?.saturating_mul(self.page_size()?))
     }
 
-    fn page_size(&self) -> Result<u64, StoreError> {
+    pub(super) fn page_size(&self) -> Result<u64, StoreError> {
         self.conn
             .pragma_query_value(None, "page_size", |r| r.get::<_, i64>(0))
             .map(to_u64)

@@ -70,8 +70,16 @@ pub enum Event {
     /// A session was given up (expired, refused, consumed, or incomplete when its tokens were
     /// lost); every image of the inspection goes again under a new one.
     SessionGivenUp { id: InspectionId, case_id: String, session: String, why: String },
-    /// A request with these images was confirmed.
-    Sent { id: InspectionId, labels: Vec<PhotoLabel>, bytes: u64 },
+    /// A request with these images was confirmed; the session now holds `images_sent` of the
+    /// inspection's `images_total`.
+    Sent {
+        id: InspectionId,
+        case_id: String,
+        labels: Vec<PhotoLabel>,
+        bytes: u64,
+        images_sent: u64,
+        images_total: u64,
+    },
     /// The cloud completed the inspection's session.
     Uploaded { id: InspectionId, case_id: String, session: String, images: u64, bytes: u64 },
     /// The cloud refused the inspection for good; it is `failed` with this reason.
@@ -731,7 +739,15 @@ impl Uploader {
                     .collect();
                 store.mark_sent(id, session, &confirmed, self.clock.wall())?;
                 let bytes = batch.iter().filter(|m| received.contains(&m.angle)).map(|m| m.bytes).sum();
-                events(Event::Sent { id, labels: confirmed.iter().map(|(l, _)| *l).collect(), bytes });
+                let images_sent = store.upload_state(id).map_or(0, |u| u.sent);
+                events(Event::Sent {
+                    id,
+                    case_id: inspection.case_id.clone(),
+                    labels: confirmed.iter().map(|(l, _)| *l).collect(),
+                    bytes,
+                    images_sent,
+                    images_total: inspection.images,
+                });
                 if confirmed.len() < batch.len() {
                     let wait = self.next_backoff();
                     return Err(Stop::Wait(
