@@ -10,6 +10,7 @@ pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod demo;
+pub mod home_assistant;
 pub mod imaging;
 pub mod inspection;
 pub mod logging;
