@@ -613,6 +613,35 @@ fn ready_and_watchdog_reach_the_notify_socket_and_a_wedged_loop_stops_the_watchd
     assert!(last.iter().any(|m| m == "STOPPING=1"), "{last:?}");
 }
 
+#[test]
+fn status_and_answers_never_wait_for_the_captures_hold_on_the_buffer() {
+    let broker = Broker::start();
+    let state = tempfile::tempdir().unwrap();
+    let config = config::parse(&config_text(state.path(), Some(&broker.url()), "320x240"), "t").unwrap();
+    let hooks = Hooks::default();
+    let daemon = start_daemon(config, Notifier::none(), None, hooks.clone());
+    let mut w = Watcher::connect(&broker);
+    w.wait("status", |p, _| p == b"online");
+    let ack = w.command("start", r#"{"command_id":"h-1","case_id":"CASE-HOLD"}"#);
+    assert_eq!(ack["status"], "accepted", "{ack}");
+    w.event("inspection_captured");
+    // The capture thread holds its handle on the buffer, as a commit in a stuck fsync would.
+    hooks.hold_buffer.store(true, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(600));
+    let asked = Instant::now();
+    let ack = w.command("ping", r#"{"command_id":"h-2"}"#);
+    assert_eq!(ack["status"], "succeeded", "{ack}");
+    // A state still goes out, with the buffer read as it is, and a retry is still answered.
+    let seen = w.wait_json("state", |v| v["buffer"]["inspections"] == 1 && v["seq"].as_u64().is_some());
+    assert_eq!(seen["buffer"]["images"], 4, "{seen}");
+    let ack = w.command("retry", r#"{"command_id":"h-3","inspection_id":1}"#);
+    assert_eq!(ack["status"], "rejected", "{ack}");
+    assert!(ack["reason"].as_str().is_some_and(|r| r.contains("only a failed or cancelled")), "{ack}");
+    assert!(asked.elapsed() < Duration::from_secs(8), "answers waited {:?}", asked.elapsed());
+    hooks.hold_buffer.store(false, Ordering::SeqCst);
+    stop(daemon);
+}
+
 /// A command padded to about `kib` KiB, its `command_id` first.
 fn padded(id: &str, kib: usize) -> String {
     format!(r#"{{"command_id":"{id}","pad":"{}"}}"#, "x".repeat(kib * 1024))

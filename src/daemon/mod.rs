@@ -73,10 +73,12 @@ pub enum Signal {
     Reload,
 }
 
-/// Test hooks. `wedge_capture` makes the capture loop stop beating, as a hung camera would.
+/// Test hooks. `wedge_capture` makes the capture loop stop beating, as a hung camera would;
+/// `hold_buffer` makes it hold its handle on the buffer, as a commit stuck in a slow fsync would.
 #[derive(Debug, Clone, Default)]
 pub struct Hooks {
     pub wedge_capture: Arc<AtomicBool>,
+    pub hold_buffer: Arc<AtomicBool>,
 }
 
 /// What the daemon runs on; `main` builds the real ones, tests their own.
@@ -530,6 +532,12 @@ fn capture_loop(
     loop {
         while hooks.wedge_capture.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(20));
+        }
+        if hooks.hold_buffer.load(Ordering::SeqCst) {
+            let _held = lock(store);
+            while hooks.hold_buffer.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
         beats.beat(CAPTURE_LOOP, clock.monotonic());
         let job = match jobs.recv_timeout(BEAT) {
