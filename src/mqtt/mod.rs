@@ -2,11 +2,19 @@
 //! `state`, `events`, commands in and acks out. The only module that names rumqttc.
 //!
 //! Nothing outside this module ever waits for the broker. [`Link`] hands messages to an
-//! outbox that never blocks: `state` is kept as the latest value only (a broker that comes back
-//! gets the current state, not a backlog), events and acks go to a bounded queue and are
-//! dropped, counted, when it is full or the broker is away. Two threads do the I/O: one drives
-//! the connection (reconnecting with a capped, jittered backoff, since rumqttc would retry in a
-//! hot loop), the other moves the outbox to rumqttc with `try_publish`.
+//! outbox (`outbox::Outbox`) that never blocks: `state` is kept as the latest value only (a
+//! broker that comes back gets the current state, not a backlog) and coalesced to one message
+//! per [`STATE_MIN_INTERVAL`]; events and acks go to a bounded queue, ahead of the state that
+//! counts them, and are dropped, counted, when it is full or the broker is away.
+//!
+//! One thread does the I/O. It owns a current-thread tokio runtime that runs rumqttc's
+//! `AsyncClient` and `EventLoop` in one `tokio::select!` loop (`task::run`) over: the event
+//! loop's `poll()` (after a failure, preceded by the reconnect delay, a `tokio::time::sleep`,
+//! since rumqttc would retry in a hot loop), the outbox (a tokio `Notify` woken by
+//! `set_state`, `event`, `ack` and `stop`) and the next state deadline. What a CONNACK, a SUBACK
+//! or a failure means and how long to wait is decided by `connection::Connection`, pure over
+//! monotonic time; `wire` is the seam that lets the loop run against a script under paused
+//! tokio time in tests.
 //!
 //! The session is persistent: the client id is stable (`capture-kiosk-{bay_id}` unless
 //! configured) and the clean-session flag is off (MQTT 3.1.1), so the broker keeps the
@@ -15,17 +23,21 @@
 //! with the same id throws the bay off the broker: [`takeover::TakeoverWatch`] notices the
 //! pattern and slows reconnecting down instead of fighting for the session forever.
 
+mod connection;
+mod outbox;
 pub mod takeover;
+mod task;
+mod wire;
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use rumqttc::{Client, Connection, Event, LastWill, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
-use takeover::{Loss, TakeoverWatch};
+use rumqttc::{AsyncClient, LastWill, MqttOptions, QoS, TlsConfiguration, Transport};
+use tokio::sync::Notify;
 
 use crate::config::MqttConfig;
+use outbox::Outbox;
 
 /// Most events and acks waiting for the broker; more are dropped.
 pub const OUTBOX_CAPACITY: usize = 256;
@@ -135,8 +147,9 @@ pub enum LinkError {
     /// be used. A retry after fixing the file helps.
     #[error("{key} {path}: {reason}; {fix}")]
     ClientCert { key: &'static str, path: String, reason: String, fix: &'static str },
-    /// A thread of the link could not be started (the system is out of resources).
-    #[error("the MQTT link's threads cannot be started: {reason}")]
+    /// The link's thread or its tokio runtime could not be started (the system is out of
+    /// resources).
+    #[error("the MQTT link's thread cannot be started: {reason}")]
     Thread { reason: String },
 }
 
@@ -156,32 +169,25 @@ pub struct Link {
     topics: Topics,
 }
 
+/// What the handles and the link's thread share.
 struct Shared {
     outbox: Mutex<Outbox>,
-    wake: Condvar,
+    /// Wakes the link's loop: something was queued, or `stop` was asked for.
+    wake: Notify,
     connected: AtomicBool,
     stopping: AtomicBool,
     dropped: AtomicU64,
-    client: Client,
+    /// The link's loop has ended (its connection is closed); `stop` waits for it.
+    ended: Mutex<bool>,
+    ended_signal: Condvar,
     client_id: String,
     /// `host:port`, for messages.
     broker: String,
 }
 
-#[derive(Default)]
-struct Outbox {
-    /// The latest state not yet handed to the client.
-    state: Option<Vec<u8>>,
-    /// The latest state handed over, re-sent after a reconnect.
-    last_state: Option<Vec<u8>>,
-    /// `online` must be (re-)published.
-    announce: bool,
-    queue: VecDeque<(String, Vec<u8>)>,
-}
-
 impl Link {
-    /// Starts the link's threads; `on_event` receives connections, losses and commands (on the
-    /// connection thread: it must not block).
+    /// Starts the link's thread; `on_event` receives connections, losses and commands (on that
+    /// thread: it must not block).
     pub fn start(
         config: &MqttConfig,
         bay_id: &str,
@@ -201,32 +207,24 @@ impl Link {
         if config.tls {
             options.set_transport(Transport::tls_with_config(tls_config(config)?));
         }
-        let (client, connection) = Client::new(options, 64);
-        let shared = Arc::new(Shared {
-            outbox: Mutex::new(Outbox { announce: true, ..Outbox::default() }),
-            wake: Condvar::new(),
-            connected: AtomicBool::new(false),
-            stopping: AtomicBool::new(false),
-            dropped: AtomicU64::new(0),
-            client,
-            client_id,
-            broker: format!("{}:{}", config.host, config.port),
-        });
-        let link = Link { shared, topics };
-        {
-            let link = link.clone();
-            std::thread::Builder::new()
-                .name("mqtt-connection".to_owned())
-                .spawn(move || link.drive(connection, on_event))
-                .map_err(|e| LinkError::Thread { reason: e.to_string() })?;
-        }
-        {
-            let link = link.clone();
-            std::thread::Builder::new()
-                .name("mqtt-publish".to_owned())
-                .spawn(move || link.publish_loop())
-                .map_err(|e| LinkError::Thread { reason: e.to_string() })?;
-        }
+        let (client, event_loop) = AsyncClient::new(options, 64);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(|e| LinkError::Thread { reason: format!("its tokio runtime: {e}") })?;
+        let link = Link::new(topics, client_id, format!("{}:{}", config.host, config.port));
+        let owner = link.clone();
+        std::thread::Builder::new()
+            .name("mqtt-link".to_owned())
+            .spawn(move || {
+                let _ended = Ended(&owner.shared);
+                runtime.block_on(task::run(&owner, event_loop, client, &*on_event, fastrand::f64));
+                // A name lookup may still be running on the runtime's blocking pool: not
+                // waited for.
+                runtime.shutdown_background();
+            })
+            .map_err(|e| LinkError::Thread { reason: e.to_string() })?;
         Ok(link)
     }
 
@@ -246,8 +244,8 @@ impl Link {
 
     /// Replaces the state to publish (retained); only the latest one is ever sent.
     pub fn set_state(&self, payload: Vec<u8>) {
-        self.outbox().state = Some(payload);
-        self.shared.wake.notify_all();
+        self.outbox().set_state(payload);
+        self.shared.wake.notify_one();
     }
 
     /// Queues an event; dropped when the broker is away or the queue is full.
@@ -260,252 +258,57 @@ impl Link {
         self.enqueue(self.topics.ack(name), payload);
     }
 
-    /// Publishes retained `offline`, disconnects and waits up to `grace` for it to leave.
+    /// Hands over what waits (the latest state at once), publishes retained `offline`,
+    /// disconnects and waits up to `grace` for the link's thread to have closed the connection.
+    /// Must not be called from `on_event`.
     pub fn stop(&self, grace: Duration) {
+        self.request_stop();
+        let ended = self.shared.ended.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = self.shared.ended_signal.wait_timeout_while(ended, grace, |ended| !*ended);
+    }
+
+    fn new(topics: Topics, client_id: String, broker: String) -> Link {
+        let shared = Arc::new(Shared {
+            outbox: Mutex::new(Outbox::new()),
+            wake: Notify::new(),
+            connected: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            dropped: AtomicU64::new(0),
+            ended: Mutex::new(false),
+            ended_signal: Condvar::new(),
+            client_id,
+            broker,
+        });
+        Link { shared, topics }
+    }
+
+    /// Tells the link's loop to say goodbye and end, without waiting for it.
+    fn request_stop(&self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
-        self.shared.wake.notify_all();
-        if self.is_connected() {
-            let _ = self.shared.client.try_publish(self.topics.status(), QoS::AtLeastOnce, true, "offline");
-            let _ = self.shared.client.try_disconnect();
-            let deadline = Instant::now() + grace;
-            while self.is_connected() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
+        self.shared.wake.notify_one();
     }
 
     fn enqueue(&self, topic: String, payload: Vec<u8>) {
-        if !self.is_connected() {
+        if !self.is_connected() || !self.outbox().push(topic, payload) {
             self.shared.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let mut outbox = self.outbox();
-        if outbox.queue.len() >= OUTBOX_CAPACITY {
-            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        outbox.queue.push_back((topic, payload));
-        drop(outbox);
-        self.shared.wake.notify_all();
+        self.shared.wake.notify_one();
     }
 
     fn outbox(&self) -> MutexGuard<'_, Outbox> {
         self.shared.outbox.lock().unwrap_or_else(|p| p.into_inner())
     }
-
-    /// The connection thread: polls rumqttc, backs off on errors, re-subscribes on ConnAck.
-    fn drive(&self, mut connection: Connection, on_event: Box<dyn Fn(LinkEvent) + Send>) {
-        let mut failures = 0u32;
-        let epoch = Instant::now();
-        let mut watch = TakeoverWatch::default();
-        let mut subscription_refused = false;
-        // The reason of the last failed attempt that was logged, so that a broker refusing the
-        // same way every 30 s says it once at WARN.
-        let mut last_reason = String::new();
-        let broker = self.shared.broker.as_str();
-        let client_id = self.shared.client_id.as_str();
-        // An oversized message stays queued in the persistent session and would come back at
-        // every reconnect: the next connection is a clean one that discards it, and is dropped
-        // at once for a persistent one again.
-        let mut discard_session = false;
-        while let Ok(notification) = connection.recv() {
-            if notification.is_ok() && watch.still_connected(epoch.elapsed()) {
-                log::info!(broker = broker, client_id = client_id; "MQTT session held long enough; no other client seems to use this client id any more");
-                on_event(LinkEvent::AlertCleared { kind: ALERT_CLIENT_ID_IN_USE });
-            }
-            match notification {
-                Ok(Event::Incoming(Packet::ConnAck(_))) if discard_session => {
-                    discard_session = false;
-                    connection.eventloop.mqtt_options.set_clean_session(false);
-                    connection.eventloop.clean();
-                    log::info!(broker = broker, client_id = client_id; "MQTT session with the oversized message discarded; connecting again with a persistent one");
-                }
-                Ok(Event::Incoming(Packet::ConnAck(connack))) => {
-                    failures = 0;
-                    last_reason.clear();
-                    watch.connected(epoch.elapsed(), connack.session_present);
-                    let _ = self.shared.client.try_subscribe(self.topics.commands(), QoS::AtLeastOnce);
-                    {
-                        // Events and acks queued before a loss stay queued and go out now.
-                        let mut outbox = self.outbox();
-                        outbox.announce = true;
-                        if outbox.state.is_none() {
-                            outbox.state = outbox.last_state.clone();
-                        }
-                    }
-                    self.shared.connected.store(true, Ordering::SeqCst);
-                    self.shared.wake.notify_all();
-                    log::info!(broker = broker, client_id = client_id, session_present = connack.session_present, topic = self.topics.status().as_str(); "MQTT broker connected");
-                    on_event(LinkEvent::Connected);
-                }
-                Ok(Event::Incoming(Packet::SubAck(suback))) => {
-                    let refused = suback
-                        .return_codes
-                        .iter()
-                        .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure));
-                    if refused && !subscription_refused {
-                        log::error!(broker = broker, client_id = client_id, topic = self.topics.commands().as_str(); "MQTT broker refused the subscription to the bay's commands; check the broker's ACL for this bay's user");
-                        on_event(LinkEvent::Alert {
-                            kind: ALERT_SUBSCRIPTION_REFUSED,
-                            reason: format!(
-                                "the broker {broker} refused the subscription to {}: no command reaches this bay; let this bay's user read its cmd/+ topics in the broker's ACL",
-                                self.topics.commands()
-                            ),
-                        });
-                    } else if !refused && subscription_refused {
-                        log::info!(broker = broker, topic = self.topics.commands().as_str(); "MQTT broker accepted the subscription to the bay's commands");
-                        on_event(LinkEvent::AlertCleared { kind: ALERT_SUBSCRIPTION_REFUSED });
-                    }
-                    subscription_refused = refused;
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let Some(name) = self.topics.command_name(&p.topic) else { continue };
-                    if p.retain {
-                        log::warn!(command = name; "Retained MQTT command ignored");
-                        continue;
-                    }
-                    // An oversized payload is left for the parser to refuse with a reason; its
-                    // beginning is enough to find the command id.
-                    let size = p.payload.len();
-                    let payload = p.payload[..size.min(MAX_COMMAND_BYTES + 1)].to_vec();
-                    on_event(LinkEvent::Command(Incoming { name: name.to_owned(), payload, size }));
-                }
-                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
-                    self.shared.connected.store(false, Ordering::SeqCst);
-                    return;
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    let was = self.shared.connected.swap(false, Ordering::SeqCst);
-                    if self.shared.stopping.load(Ordering::SeqCst) {
-                        return;
-                    }
-                    let reason = e.to_string();
-                    if let Some(bytes) = oversized(&e) {
-                        log::warn!(bytes = bytes, limit = MAX_READ_PAYLOAD; "MQTT message over the size the kiosk reads; the connection is made again (set the broker's message_size_limit to refuse such messages)");
-                        on_event(LinkEvent::Oversized { bytes });
-                        discard_session = true;
-                        connection.eventloop.mqtt_options.set_clean_session(true);
-                    }
-                    if was {
-                        log::warn!(broker = broker, reason = reason.as_str(); "MQTT broker connection lost");
-                        on_event(LinkEvent::Disconnected { reason: reason.clone() });
-                    }
-                    let closed_by_broker = matches!(
-                        e,
-                        rumqttc::ConnectionError::MqttState(rumqttc::StateError::ConnectionAborted)
-                    );
-                    let loss = match (was, closed_by_broker) {
-                        (true, true) => watch.lost(epoch.elapsed()),
-                        (true, false) => watch.broken(),
-                        (false, _) => {
-                            watch.attempt_failed();
-                            Loss::Ordinary
-                        }
-                    };
-                    let delay = match loss {
-                        Loss::Ordinary => {
-                            let delay = reconnect_delay(failures, fastrand::f64());
-                            failures = failures.saturating_add(1);
-                            delay
-                        }
-                        Loss::NowSuspected | Loss::StillSuspected => {
-                            TakeoverWatch::suspected_retry(fastrand::f64())
-                        }
-                    };
-                    if loss == Loss::NowSuspected {
-                        log::error!(broker = broker, client_id = client_id, retry_in_s = delay.as_secs(); "MQTT session taken over again and again right after connecting: another client uses this client id (a second kiosk with the same bay_id?); reconnecting only every 10-20 s until it is gone");
-                        on_event(LinkEvent::Alert {
-                            kind: ALERT_CLIENT_ID_IN_USE,
-                            reason: format!(
-                                "another client keeps taking over the MQTT session of client id {client_id} at {broker} (a second kiosk with the same bay_id?); this bay reconnects only every 10-20 s: stop the other one or give it its own bay_id"
-                            ),
-                        });
-                    }
-                    if !was {
-                        if reason != last_reason {
-                            match refusal_hint(&reason) {
-                                Some(hint) => {
-                                    log::warn!(broker = broker, reason = reason.as_str(), hint = hint, retry_in_ms = delay.as_millis() as u64; "MQTT broker connection refused; retrying")
-                                }
-                                None => {
-                                    log::warn!(broker = broker, reason = reason.as_str(), retry_in_ms = delay.as_millis() as u64; "MQTT broker connection attempt failed; retrying")
-                                }
-                            }
-                            last_reason = reason;
-                        } else {
-                            log::debug!(broker = broker, reason = reason.as_str(), retry_in_ms = delay.as_millis() as u64; "MQTT connection attempt failed");
-                        }
-                    }
-                    std::thread::sleep(delay);
-                }
-            }
-        }
-    }
-
-    /// The publishing thread: hands the outbox to rumqttc while connected.
-    fn publish_loop(&self) {
-        let mut last_state_at: Option<Instant> = None;
-        loop {
-            let mut outbox = self.outbox();
-            loop {
-                if self.shared.stopping.load(Ordering::SeqCst) {
-                    return;
-                }
-                let connected = self.is_connected();
-                let state_due =
-                    outbox.state.is_some() && last_state_at.is_none_or(|t| t.elapsed() >= STATE_MIN_INTERVAL);
-                if connected && (outbox.announce || !outbox.queue.is_empty() || state_due) {
-                    break;
-                }
-                let wait = if connected && outbox.state.is_some() {
-                    STATE_MIN_INTERVAL
-                } else {
-                    Duration::from_millis(500)
-                };
-                outbox = self.shared.wake.wait_timeout(outbox, wait).unwrap_or_else(|p| p.into_inner()).0;
-            }
-            let client = &self.shared.client;
-            if outbox.announce {
-                outbox.announce = false;
-                if client.try_publish(self.topics.status(), QoS::AtLeastOnce, true, "online").is_err() {
-                    outbox.announce = true;
-                }
-            }
-            // Events and acks first, then the state that already counts them: a reader sees
-            // them in `seq` order.
-            while let Some((topic, payload)) = outbox.queue.pop_front() {
-                if client.try_publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone()).is_err() {
-                    // rumqttc's request queue is full (a burst): keep it for the next round.
-                    outbox.queue.push_front((topic, payload));
-                    break;
-                }
-            }
-            if outbox.state.is_some() && last_state_at.is_none_or(|t| t.elapsed() >= STATE_MIN_INTERVAL) {
-                if let Some(state) = outbox.state.take() {
-                    match client.try_publish(self.topics.state(), QoS::AtLeastOnce, true, state.clone()) {
-                        Ok(()) => {
-                            outbox.last_state = Some(state);
-                            last_state_at = Some(Instant::now());
-                        }
-                        Err(_) => outbox.state = Some(state),
-                    }
-                }
-            }
-            drop(outbox);
-            // rumqttc's request queue full: give it a moment rather than spin.
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
 }
 
-/// The size of the packet that broke the connection, when that is what happened.
-fn oversized(e: &rumqttc::ConnectionError) -> Option<usize> {
-    match e {
-        rumqttc::ConnectionError::MqttState(rumqttc::StateError::Deserialization(
-            rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(bytes),
-        )) => Some(*bytes),
-        _ => None,
+/// Marks the link's loop as ended when its thread leaves it, however it leaves.
+struct Ended<'s>(&'s Shared);
+
+impl Drop for Ended<'_> {
+    fn drop(&mut self) {
+        self.0.connected.store(false, Ordering::SeqCst);
+        *self.0.ended.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.0.ended_signal.notify_all();
     }
 }
 
