@@ -46,6 +46,8 @@ impl MqttConfig {
             client_cert_file: None,
             client_key_file: None,
             heartbeat: default_heartbeat(),
+            home_assistant: false,
+            discovery_prefix: default_discovery_prefix(),
         };
         raw.check().map_err(|i| ConfigError::Invalid {
             path: "--mqtt".to_owned(),
@@ -79,6 +81,9 @@ pub struct MqttConfig {
     pub client_key_file: Option<PathBuf>,
     /// How often `state` is published when nothing changes.
     pub heartbeat: Duration,
+    /// Announce the bay to Home Assistant (MQTT discovery) under `discovery_prefix`.
+    pub home_assistant: bool,
+    pub discovery_prefix: String,
 }
 
 impl MqttConfig {
@@ -403,6 +408,14 @@ struct RawMqtt {
     client_key_file: Option<PathBuf>,
     #[serde(default = "default_heartbeat")]
     heartbeat: String,
+    #[serde(default)]
+    home_assistant: bool,
+    #[serde(default = "default_discovery_prefix")]
+    discovery_prefix: String,
+}
+
+fn default_discovery_prefix() -> String {
+    "homeassistant".to_owned()
 }
 
 fn default_topic_prefix() -> String {
@@ -1134,19 +1147,9 @@ impl RawMqtt {
         if host.is_empty() {
             return Err(invalid("mqtt.url", format!("{url:?} names no host"), url_fix));
         }
-        let prefix = self.topic_prefix.trim().to_owned();
-        if prefix.is_empty()
-            || prefix.starts_with('/')
-            || prefix.ends_with('/')
-            || prefix.contains(['+', '#', '\0'])
-            || prefix.split('/').any(str::is_empty)
-        {
-            return Err(invalid(
-                "mqtt.topic_prefix",
-                format!("{prefix:?} is not a usable topic prefix"),
-                "use topic levels separated by /, without +, # or empty levels, e.g. \"capture-kiosk\"",
-            ));
-        }
+        let prefix = topic_levels("mqtt.topic_prefix", &self.topic_prefix, "capture-kiosk")?;
+        let discovery_prefix =
+            topic_levels("mqtt.discovery_prefix", &self.discovery_prefix, "homeassistant")?;
         if tls && self.ca_file.is_none() {
             return Err(invalid(
                 "mqtt.ca_file",
@@ -1220,8 +1223,28 @@ impl RawMqtt {
             client_cert_file: self.client_cert_file,
             client_key_file: self.client_key_file,
             heartbeat,
+            home_assistant: self.home_assistant,
+            discovery_prefix,
         })
     }
+}
+
+/// A topic prefix: levels separated by `/`, without wildcards or empty levels.
+fn topic_levels(key: &str, value: &str, example: &str) -> Result<String, Invalid> {
+    let prefix = value.trim().to_owned();
+    if prefix.is_empty()
+        || prefix.starts_with('/')
+        || prefix.ends_with('/')
+        || prefix.contains(['+', '#', '\0'])
+        || prefix.split('/').any(str::is_empty)
+    {
+        return Err(invalid(
+            key,
+            format!("{prefix:?} is not a usable topic prefix"),
+            format!("use topic levels separated by /, without +, # or empty levels, e.g. \"{example}\""),
+        ));
+    }
+    Ok(prefix)
 }
 
 fn first_duplicate(labels: &[PhotoLabel]) -> Option<PhotoLabel> {

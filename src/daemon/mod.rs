@@ -18,6 +18,7 @@
 
 pub mod command;
 pub mod core;
+pub mod discovery;
 pub mod notify;
 pub mod upload;
 
@@ -235,6 +236,9 @@ fn start_link(config: &Config, events: &Sender<Event>) -> anyhow::Result<Option<
         let _ = lock(&to_supervisor).send(Event::Mqtt(e));
     });
     let link = Link::start(mqtt, &config.bay_id, on_event).context("the MQTT link cannot be set up")?;
+    if let Some(messages) = discovery::retained(config) {
+        link.set_retained(messages);
+    }
     Ok(Some(link))
 }
 
@@ -510,8 +514,7 @@ impl Shell {
         let effects = bay.handle(Input::Publish, now(self.clock.as_ref()));
         self.carry_out(effects, &mut bay);
         if let Some(link) = &self.link {
-            // Give the last state a moment to leave, then say offline.
-            std::thread::sleep(crate::mqtt::STATE_MIN_INTERVAL);
+            // The link hands over the last state and events, then says offline.
             link.stop(Duration::from_secs(2));
         }
         log::info!("Daemon stopped");

@@ -248,6 +248,13 @@ impl Link {
         self.shared.wake.notify_one();
     }
 
+    /// Retained messages published after every connect (and now), before events and state:
+    /// Home Assistant's discovery configs. An empty payload removes a retained message.
+    pub fn set_retained(&self, messages: Vec<(String, Vec<u8>)>) {
+        self.outbox().set_retained(messages);
+        self.shared.wake.notify_one();
+    }
+
     /// Queues an event; dropped when the broker is away or the queue is full.
     pub fn event(&self, payload: Vec<u8>) {
         self.enqueue(self.topics.events(), payload);

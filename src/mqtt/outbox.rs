@@ -23,6 +23,11 @@ pub(crate) struct Outbox {
     announce: bool,
     /// Events and acks, oldest first: (topic, payload).
     queue: VecDeque<(String, Vec<u8>)>,
+    /// Retained messages of the bay's own choosing (Home Assistant's discovery configs),
+    /// published after every connect.
+    retained: Vec<(String, Vec<u8>)>,
+    /// Those of `retained` still to publish since the last connect or change.
+    retained_due: VecDeque<(String, Vec<u8>)>,
 }
 
 /// What [`Outbox::hand_over`] had to leave behind.
@@ -38,7 +43,21 @@ pub(crate) enum Left {
 
 impl Outbox {
     pub(crate) fn new() -> Outbox {
-        Outbox { state: None, last_state: None, last_state_at: None, announce: true, queue: VecDeque::new() }
+        Outbox {
+            state: None,
+            last_state: None,
+            last_state_at: None,
+            announce: true,
+            queue: VecDeque::new(),
+            retained: Vec::new(),
+            retained_due: VecDeque::new(),
+        }
+    }
+
+    /// Replaces the retained messages published after every connect; they go now too.
+    pub(crate) fn set_retained(&mut self, messages: Vec<(String, Vec<u8>)>) {
+        self.retained_due = messages.iter().cloned().collect();
+        self.retained = messages;
     }
 
     /// Replaces the state waiting to go; only the latest one is ever sent.
@@ -60,6 +79,7 @@ impl Outbox {
     /// a loss stay queued and go out now.
     pub(crate) fn connected(&mut self) {
         self.announce = true;
+        self.retained_due = self.retained.iter().cloned().collect();
         if self.state.is_none() {
             self.state = self.last_state.clone();
         }
@@ -83,6 +103,12 @@ impl Outbox {
                 return Left::Blocked;
             }
             self.announce = false;
+        }
+        while let Some((topic, payload)) = self.retained_due.front() {
+            if !requests.publish(topic, true, payload) {
+                return Left::Blocked;
+            }
+            self.retained_due.pop_front();
         }
         while let Some((topic, payload)) = self.queue.front() {
             if !requests.publish(topic, false, payload) {
@@ -223,6 +249,27 @@ mod tests {
         outbox.connected();
         outbox.hand_over(later + Duration::from_secs(5), &t, &client);
         assert_eq!(client.taken(), ["status(retained)=online", "state(retained)=s2"]);
+    }
+
+    #[test]
+    fn retained_messages_of_the_bays_choosing_go_after_online_and_again_after_every_connect() {
+        let mut outbox = Outbox::new();
+        outbox.set_retained(vec![("ha/a/config".into(), b"A".to_vec()), ("ha/b/config".into(), Vec::new())]);
+        outbox.push("t/events".into(), b"e".to_vec());
+        let client = Client::with_room(10);
+        outbox.hand_over(Instant::now(), &topics(), &client);
+        let taken = client.taken();
+        assert_eq!(taken, ["status(retained)=online", "config(retained)=A", "config(retained)=", "events=e"]);
+        let again = Client::with_room(10);
+        outbox.hand_over(Instant::now(), &topics(), &again);
+        assert!(again.taken().is_empty(), "once per connect: {:?}", again.taken());
+        outbox.connected();
+        let after = Client::with_room(10);
+        outbox.hand_over(Instant::now(), &topics(), &after);
+        assert_eq!(
+            after.taken()[..3],
+            ["status(retained)=online", "config(retained)=A", "config(retained)="]
+        );
     }
 
     #[test]
