@@ -18,7 +18,7 @@ use crate::vehicle::PhotoLabel;
 pub use directory::DirectoryCamera;
 pub use http::{load_ca_file, Credentials, HttpCamera};
 pub use synthetic::{render_scene, SyntheticCamera};
-pub use v4l2::{list_devices, V4l2Camera, V4l2Options, VideoDevice, VideoMode};
+pub use v4l2::{list_devices, DeviceError, V4l2Camera, V4l2Options, VideoDevice, VideoMode};
 
 /// A source of JPEG frames. `capture` blocks until a frame arrives or the camera's deadline
 /// passes. Implementations that wrap a `!Send` device run it on a thread of their own.
@@ -152,6 +152,10 @@ pub enum CaptureError {
     /// The camera's configuration cannot work (credentials or CA file). Not retryable.
     #[error("camera {camera} cannot be set up: {problem}")]
     Setup { camera: String, problem: String },
+    /// The thread that owns the device could not be started: the system is out of threads or
+    /// memory. Not retryable by asking the camera again; the camera must be opened anew.
+    #[error("camera {camera}: the thread for device {device} cannot be started: {reason}; the system is short of memory or threads")]
+    Thread { camera: String, device: String, reason: String },
     /// The camera is not configured for this angle.
     #[error("camera {camera} does not shoot {angle}")]
     WrongAngle { camera: String, angle: PhotoLabel },
