@@ -16,6 +16,7 @@ use clap::{Parser, Subcommand};
 use crate::capture;
 use crate::clock::{Clock as _, SystemClock};
 use crate::config::{self, ByteSize, Config};
+use crate::credentials::load_secret;
 use crate::demo::{self, DemoOptions};
 use crate::imaging;
 use crate::inspection::{self, InspectionError, Progress, Request, Rig, Settings};
@@ -24,7 +25,6 @@ use crate::store::{
     AngleQuality, InspectionId, InspectionState, InspectionSummary, PrunedRecord, Store, StoreError,
     UploadState,
 };
-use crate::upload::credentials::load_secret;
 use crate::upload::{drain, Event};
 use crate::vehicle::{CaseId, PhotoLabel, Vehicle, Vin};
 
@@ -234,7 +234,7 @@ fn check(path: &Path, ack_recovery: bool) -> anyhow::Result<u8> {
         if let Some(ca) = &cloud.ca_file {
             roots.push_str(&format!(" and the certificates of {}", ca.display()));
         }
-        if let Ok(n @ 1..) = crate::upload::client::check_trust(cloud) {
+        if let Ok(n @ 1..) = crate::trust::check(cloud.trust, cloud.ca_file.as_deref()) {
             roots.push_str(&format!(" ({n} in all)"));
         }
         println!("cloud {}: its certificate is checked against {roots}", cloud.base_url);

@@ -10,9 +10,12 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::capture::CameraSource;
+use crate::credentials::{self, CredentialError, Secret};
 use crate::imaging::{CameraImaging, Fill, Mask, QualityThresholds, ResizeSpec};
 use crate::store::Caps;
 use crate::vehicle::PhotoLabel;
+
+pub use crate::trust::CloudTrust;
 
 /// A configuration that passed every check.
 #[derive(Debug, Clone)]
@@ -116,38 +119,11 @@ pub struct CloudConfig {
     pub ca_file: Option<PathBuf>,
 }
 
-/// `[cloud] trust`: the public roots the cloud's certificate may chain to. `ca_file` adds to
-/// whichever is chosen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CloudTrust {
-    /// The Mozilla roots built into the program (the default): the same on every bay, whatever
-    /// the image's `ca-certificates`.
-    Bundled,
-    /// The operating system's store (`/etc/ssl/certs`), where a site's IT adds its own CAs.
-    System,
-    /// Both of the above.
-    Both,
-}
-
-impl CloudTrust {
-    /// As written in the configuration.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CloudTrust::Bundled => "bundled",
-            CloudTrust::System => "system",
-            CloudTrust::Both => "both",
-        }
-    }
-}
-
 impl CloudConfig {
     /// Loads the API secret: `api_secret_file` (owner-only permissions required), else the
-    /// systemd credential `api-secret` in `$CREDENTIALS_DIRECTORY`.
-    pub fn secret(
-        &self,
-    ) -> Result<crate::upload::credentials::Secret, crate::upload::credentials::CredentialError> {
-        let credentials_dir = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
-        crate::upload::credentials::load_secret(self.api_secret_file.as_deref(), credentials_dir.as_deref())
+    /// systemd credential `api-secret` in `$CREDENTIALS_DIRECTORY` ([`credentials::load_secret`]).
+    pub fn secret(&self) -> Result<Secret, CredentialError> {
+        credentials::load_secret(self.api_secret_file.as_deref(), credentials::credentials_dir().as_deref())
     }
 }
 
@@ -254,7 +230,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
             problem: e.to_string(),
             fix: "the kiosk cannot sign requests without it".to_owned(),
         })?;
-        crate::upload::client::check_trust(cloud).map_err(|e| ConfigError::Invalid {
+        crate::trust::check(cloud.trust, cloud.ca_file.as_deref()).map_err(|e| ConfigError::Invalid {
             path: path.display().to_string(),
             key: e.key().to_owned(),
             problem: e.to_string(),
@@ -262,7 +238,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         })?;
     }
     if let Some(key) = config.mqtt.as_ref().and_then(|m| m.client_key_file.as_deref()) {
-        crate::upload::credentials::load_secret(Some(key), None).map_err(|e| ConfigError::Invalid {
+        credentials::load_file(key).map_err(|e| ConfigError::Invalid {
             path: path.display().to_string(),
             key: "mqtt.client_key_file".to_owned(),
             problem: e.to_string(),
@@ -270,10 +246,10 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         })?;
     }
     for (i, camera) in config.cameras.iter().enumerate() {
-        crate::capture::check_files(camera).map_err(|(key, problem)| ConfigError::Invalid {
+        crate::capture::check_files(camera).map_err(|e| ConfigError::Invalid {
             path: path.display().to_string(),
-            key: format!("cameras[{i}].{key}"),
-            problem,
+            key: format!("cameras[{i}].{}", e.key()),
+            problem: e.to_string(),
             fix: "the camera cannot be used without it".to_owned(),
         })?;
     }
@@ -1067,18 +1043,13 @@ impl RawCloud {
                 "use 1s to 10min",
             ));
         }
-        let trust = match self.trust.trim() {
-            "bundled" => CloudTrust::Bundled,
-            "system" => CloudTrust::System,
-            "both" => CloudTrust::Both,
-            other => {
-                return Err(invalid(
-                    "cloud.trust",
-                    format!("{other:?} is not a trust choice"),
-                    "write \"bundled\" (the roots built in), \"system\" (the system's store) or \"both\"",
-                ))
-            }
-        };
+        let trust = CloudTrust::parse(&self.trust).ok_or_else(|| {
+            invalid(
+                "cloud.trust",
+                format!("{:?} is not a trust choice", self.trust.trim()),
+                "write \"bundled\" (the roots built in), \"system\" (the system's store) or \"both\"",
+            )
+        })?;
         if self.ca_file.as_deref().is_some_and(|p| p.as_os_str().is_empty()) {
             return Err(invalid(
                 "cloud.ca_file",
@@ -1652,6 +1623,40 @@ angles = ["Rear", "Rear_Left", "Rear_Right", "VIN"]
             &["not below max_mean_luma"],
         );
         check_refused(&with("quality = { sharpness = 1 }"), None, &["unknown field", "sharpness"]);
+    }
+
+    #[test]
+    fn a_camera_file_that_cannot_be_used_is_refused_by_its_camera_and_key() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let creds = tmp.path().join("rear.cred");
+        std::fs::write(&creds, "admin:pa55-word\n").unwrap();
+        std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let rear = "source = \"http://10.0.0.5/snapshot.jpg\"";
+        let text = GOOD
+            .replace("/var/lib/capture-kiosk", &tmp.path().join("state").display().to_string())
+            .replace(rear, &format!("{rear}\ncredentials_file = \"{}\"", creds.display()));
+        let path = tmp.path().join("bay.toml");
+        std::fs::write(&path, &text).unwrap();
+        let err = load(&path).unwrap_err();
+        assert_eq!(err.key(), Some("cameras[2].credentials_file"), "{err}");
+        let shown = err.to_string();
+        assert!(shown.contains("rear.cred") && shown.contains("chmod 600"), "{shown}");
+        assert!(!shown.contains("pa55-word"), "{shown}");
+
+        std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::write(&creds, "admin-without-password\n").unwrap();
+        let err = load(&path).unwrap_err();
+        assert_eq!(err.key(), Some("cameras[2].credentials_file"), "{err}");
+        assert!(err.to_string().contains("user:password"), "{err}");
+        std::fs::write(&creds, "admin:pa55-word\n").unwrap();
+        load(&path).unwrap();
+
+        let https = text.replace("http://10.0.0.5", "https://10.0.0.5") + "ca_file = \"/nowhere/ca.pem\"\n";
+        std::fs::write(&path, https).unwrap();
+        let err = load(&path).unwrap_err();
+        assert_eq!(err.key(), Some("cameras[2].ca_file"), "{err}");
+        assert!(err.to_string().contains("/nowhere/ca.pem") && err.to_string().contains("PEM"), "{err}");
     }
 
     #[test]

@@ -13,6 +13,8 @@ mod v4l2;
 use std::path::PathBuf;
 
 use crate::config::CameraConfig;
+use crate::credentials::CredentialError;
+use crate::trust::CaFileError;
 use crate::vehicle::PhotoLabel;
 
 pub use directory::DirectoryCamera;
@@ -151,7 +153,7 @@ pub enum CaptureError {
     TooLarge { camera: String, source_desc: String, limit: u64 },
     /// The camera's configuration cannot work (credentials or CA file). Not retryable.
     #[error("camera {camera} cannot be set up: {problem}")]
-    Setup { camera: String, problem: String },
+    Setup { camera: String, problem: CameraFileError },
     /// The thread that owns the device could not be started: the system is out of threads or
     /// memory. Not retryable by asking the camera again; the camera must be opened anew.
     #[error("camera {camera}: the thread for device {device} cannot be started: {reason}; the system is short of memory or threads")]
@@ -159,6 +161,31 @@ pub enum CaptureError {
     /// The camera is not configured for this angle.
     #[error("camera {camera} does not shoot {angle}")]
     WrongAngle { camera: String, angle: PhotoLabel },
+}
+
+/// Why a file that an IP camera's configuration names cannot be used (`credentials_file`, the
+/// systemd credential `camera-<id>`, `ca_file`). Not retryable: the file must be fixed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CameraFileError {
+    /// The credentials cannot be read, are readable by others, or are empty.
+    #[error("{0}; it holds the camera's user:password on one line")]
+    Credentials(#[from] CredentialError),
+    /// The credentials are not one line `user:password`.
+    #[error("credentials file {path} does not hold a line user:password; write it as admin:secret")]
+    NotUserPassword { path: PathBuf },
+    /// The CA file cannot be read, is not PEM, or holds no certificate.
+    #[error("{0}; give the PEM file of the camera's CA")]
+    CaFile(#[from] CaFileError),
+}
+
+impl CameraFileError {
+    /// The key of the camera's table that names the file.
+    pub fn key(&self) -> &'static str {
+        match self {
+            CameraFileError::Credentials(_) | CameraFileError::NotUserPassword { .. } => "credentials_file",
+            CameraFileError::CaFile(_) => "ca_file",
+        }
+    }
 }
 
 impl CaptureError {
@@ -180,8 +207,7 @@ pub fn open(config: &CameraConfig) -> Result<Box<dyn Camera>, CaptureError> {
         }
         CameraSource::Directory(dir) => Box::new(DirectoryCamera::new(&config.id, dir.clone())),
         CameraSource::Http(url) => {
-            let setup =
-                |(_, problem): (&str, String)| CaptureError::Setup { camera: config.id.clone(), problem };
+            let setup = |problem| CaptureError::Setup { camera: config.id.clone(), problem };
             let (credentials, ca) = http_files(config).map_err(setup)?;
             let camera = HttpCamera::new(&config.id, url, config.timeout, config.max_frame_bytes)
                 .with_credentials(credentials);
@@ -205,18 +231,19 @@ pub fn open(config: &CameraConfig) -> Result<Box<dyn Camera>, CaptureError> {
 
 type HttpFiles = (Option<Credentials>, Option<Vec<ureq::tls::Certificate<'static>>>);
 
-fn http_files(config: &CameraConfig) -> Result<HttpFiles, (&'static str, String)> {
-    let credentials_dir = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
-    let credentials =
-        Credentials::load(&config.id, config.credentials_file.as_deref(), credentials_dir.as_deref())
-            .map_err(|e| ("credentials_file", e))?;
-    let ca = config.ca_file.as_deref().map(load_ca_file).transpose().map_err(|e| ("ca_file", e))?;
+fn http_files(config: &CameraConfig) -> Result<HttpFiles, CameraFileError> {
+    let credentials = Credentials::load(
+        &config.id,
+        config.credentials_file.as_deref(),
+        crate::credentials::credentials_dir().as_deref(),
+    )?;
+    let ca = config.ca_file.as_deref().map(load_ca_file).transpose()?;
     Ok((credentials, ca))
 }
 
-/// Reads the files a camera's configuration names (credentials, CA), for `check`: returns the
-/// key and the problem when one cannot be used.
-pub fn check_files(config: &CameraConfig) -> Result<(), (&'static str, String)> {
+/// Reads the files a camera's configuration names (credentials, CA), for `check`: the error
+/// names the key ([`CameraFileError::key`]) and the problem when one cannot be used.
+pub fn check_files(config: &CameraConfig) -> Result<(), CameraFileError> {
     if matches!(config.source, CameraSource::Http(_)) {
         http_files(config)?;
     }
