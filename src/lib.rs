@@ -15,6 +15,7 @@ pub mod imaging;
 pub mod inspection;
 pub mod logging;
 pub mod mqtt;
+pub mod setting;
 pub mod standin;
 pub mod store;
 pub mod trust;
