@@ -435,7 +435,7 @@ impl Client {
                 match trust {
                     ClockTrust::Untrusted { skew_secs } => log::warn!(
                         skew_secs = skew_secs;
-                        "The kiosk's clock is {skew_secs} s away from the cloud's; nothing is signed until it is set right (check NTP: timedatectl status)"
+                        "The kiosk's clock is away from the cloud's; nothing is signed until it is set right (check NTP: timedatectl status)"
                     ),
                     ClockTrust::Trusted { skew_secs } => {
                         log::debug!(skew_secs = skew_secs; "Clock agrees with the cloud's")
