@@ -16,6 +16,7 @@ use clap::{Parser, Subcommand};
 use crate::capture;
 use crate::clock::{Clock as _, SystemClock};
 use crate::config::{self, ByteSize, Config};
+use crate::credentials::load_secret;
 use crate::demo::{self, DemoOptions};
 use crate::imaging;
 use crate::inspection::{self, InspectionError, Progress, Request, Rig, Settings};
@@ -24,9 +25,12 @@ use crate::store::{
     AngleQuality, InspectionId, InspectionState, InspectionSummary, PrunedRecord, Store, StoreError,
     UploadState,
 };
-use crate::upload::credentials::load_secret;
 use crate::upload::{drain, Event};
 use crate::vehicle::{CaseId, PhotoLabel, Vehicle, Vin};
+
+/// Where the configuration is read from when `--config` is not given: where the package puts
+/// it and the systemd unit reads it.
+pub const DEFAULT_CONFIG: &str = "/etc/capture-kiosk/bay.toml";
 
 /// Exit status of a command that did its work.
 pub const EXIT_OK: u8 = 0;
@@ -62,7 +66,8 @@ pub enum Command {
     /// of every image, read-only, safe while the daemon runs); exits 0 when the config is valid,
     /// the buffer sound and no salvage of a damaged buffer waits to be acknowledged.
     Check {
-        #[arg(long)]
+        /// The bay's configuration file (TOML, as in bay.example.toml).
+        #[arg(long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         /// Acknowledge the reports of a buffer salvaged from a damaged file, once what they
         /// list as lost is accounted for; the kiosk leaves its alert.
@@ -71,7 +76,8 @@ pub enum Command {
     },
     /// Capture one inspection now and store it in the buffer.
     Inspect {
-        #[arg(long)]
+        /// The bay's configuration file (TOML, as in bay.example.toml).
+        #[arg(long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         /// The integrator's case id (1-64 characters of A-Z a-z 0-9 -).
         #[arg(long)]
@@ -93,7 +99,8 @@ pub enum Command {
     /// Upload what is buffered, oldest first, once, and exit: 0 when the queue is empty,
     /// 5 when images are left buffered (offline, clock untrusted), 3 when the cloud refused some.
     Upload {
-        #[arg(long)]
+        /// The bay's configuration file (TOML, as in bay.example.toml).
+        #[arg(long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         /// How long to wait on the cloud (Retry-After, backoff) before leaving the rest buffered.
         #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
@@ -101,7 +108,8 @@ pub enum Command {
     },
     /// Show what is buffered, without writing anything (works on a full disk).
     Queue {
-        #[arg(long)]
+        /// The bay's configuration file (TOML, as in bay.example.toml).
+        #[arg(long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         /// Machine-readable output.
         #[arg(long)]
@@ -113,7 +121,8 @@ pub enum Command {
     /// Test every configured camera (a test frame from each, its quality scores, a preview with
     /// its privacy masks) and list the V4L2 devices the system offers.
     Cameras {
-        #[arg(long)]
+        /// The bay's configuration file (TOML, as in bay.example.toml).
+        #[arg(long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         /// Where the previews go, one `CAMERA.jpg` each (default: `previews/` in the state
         /// directory).
@@ -151,7 +160,8 @@ pub enum Command {
     /// Run the kiosk: take `start` commands over MQTT, capture, upload in the background, report
     /// state; under systemd with `Type=notify`. SIGTERM stops it, SIGHUP reloads the config.
     Run {
-        #[arg(long)]
+        /// The bay's configuration file (TOML, as in bay.example.toml).
+        #[arg(long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
     /// A simulated drive-through on embedded defaults: no config, no camera, no network.
@@ -234,7 +244,7 @@ fn check(path: &Path, ack_recovery: bool) -> anyhow::Result<u8> {
         if let Some(ca) = &cloud.ca_file {
             roots.push_str(&format!(" and the certificates of {}", ca.display()));
         }
-        if let Ok(n @ 1..) = crate::upload::client::check_trust(cloud) {
+        if let Ok(n @ 1..) = crate::trust::check(cloud.trust, cloud.ca_file.as_deref()) {
             roots.push_str(&format!(" ({n} in all)"));
         }
         println!("cloud {}: its certificate is checked against {roots}", cloud.base_url);

@@ -1,18 +1,28 @@
 //! The bay's configuration: one TOML file read into a serde `RawConfig` (unknown keys refused),
 //! then checked into a [`Config`] whose values cannot be wrong. Every refusal names the key,
 //! the problem and the fix.
+//!
+//! Each section has its check (`check_bay`, `check_inspection`, `check_imaging`,
+//! `check_buffer`, `check_cameras`, `check_cloud`, `check_mqtt`); the value syntaxes and the one
+//! range check they share are in [`crate::setting`], and a camera's own keys are checked by
+//! [`crate::capture::config`]. `load` then reads the files the configuration names (secrets,
+//! CA files) through [`crate::credentials`] and [`crate::trust`].
 
-use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::capture::CameraSource;
-use crate::imaging::{CameraImaging, Fill, Mask, QualityThresholds, ResizeSpec};
+use crate::capture::config::RawCamera;
+use crate::credentials::{self, CredentialError, Secret};
+use crate::imaging::ResizeSpec;
+use crate::setting::{self, in_range, invalid, Invalid};
 use crate::store::Caps;
 use crate::vehicle::PhotoLabel;
+
+pub use crate::capture::CameraConfig;
+pub use crate::setting::ByteSize;
+pub use crate::trust::CloudTrust;
 
 /// A configuration that passed every check.
 #[derive(Debug, Clone)]
@@ -49,12 +59,7 @@ impl MqttConfig {
             home_assistant: false,
             discovery_prefix: default_discovery_prefix(),
         };
-        raw.check().map_err(|i| ConfigError::Invalid {
-            path: "--mqtt".to_owned(),
-            key: i.key,
-            problem: i.problem,
-            fix: i.fix,
-        })
+        check_mqtt(raw).map_err(|i| refused("--mqtt", i))
     }
 }
 
@@ -121,38 +126,11 @@ pub struct CloudConfig {
     pub ca_file: Option<PathBuf>,
 }
 
-/// `[cloud] trust`: the public roots the cloud's certificate may chain to. `ca_file` adds to
-/// whichever is chosen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CloudTrust {
-    /// The Mozilla roots built into the program (the default): the same on every bay, whatever
-    /// the image's `ca-certificates`.
-    Bundled,
-    /// The operating system's store (`/etc/ssl/certs`), where a site's IT adds its own CAs.
-    System,
-    /// Both of the above.
-    Both,
-}
-
-impl CloudTrust {
-    /// As written in the configuration.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CloudTrust::Bundled => "bundled",
-            CloudTrust::System => "system",
-            CloudTrust::Both => "both",
-        }
-    }
-}
-
 impl CloudConfig {
     /// Loads the API secret: `api_secret_file` (owner-only permissions required), else the
-    /// systemd credential `api-secret` in `$CREDENTIALS_DIRECTORY`.
-    pub fn secret(
-        &self,
-    ) -> Result<crate::upload::credentials::Secret, crate::upload::credentials::CredentialError> {
-        let credentials_dir = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
-        crate::upload::credentials::load_secret(self.api_secret_file.as_deref(), credentials_dir.as_deref())
+    /// systemd credential `api-secret` in `$CREDENTIALS_DIRECTORY` ([`credentials::load_secret`]).
+    pub fn secret(&self) -> Result<Secret, CredentialError> {
+        credentials::load_secret(self.api_secret_file.as_deref(), credentials::credentials_dir().as_deref())
     }
 }
 
@@ -176,39 +154,6 @@ pub struct BufferConfig {
     pub caps: Caps,
     /// Completed (uploaded) inspections older than this are pruned; `None` keeps them forever.
     pub completed_retention: Option<Duration>,
-}
-
-#[derive(Debug, Clone)]
-pub struct CameraConfig {
-    pub id: String,
-    pub source: CameraSource,
-    /// The angles this camera shoots, in the order it is driven through them.
-    pub angles: Vec<PhotoLabel>,
-    /// Deadline for one frame (network and device sources).
-    pub timeout: Duration,
-    /// Largest frame accepted from the source.
-    pub max_frame_bytes: u64,
-    /// V4L2: the mode to ask for (`None`: the highest resolution).
-    pub resolution: Option<(u32, u32)>,
-    /// V4L2: the pixel format to ask for (`None`: MJPEG when offered).
-    pub format: Option<crate::capture::PixelFormat>,
-    /// V4L2: keep the stream open between inspections.
-    pub keep_warm: bool,
-    /// HTTP: a file with `user:password` (else the systemd credential `camera-<id>`).
-    pub credentials_file: Option<PathBuf>,
-    /// HTTPS: PEM certificates the camera's certificate must chain to.
-    pub ca_file: Option<PathBuf>,
-    /// The quality gate's thresholds for this camera's frames.
-    pub quality: QualityThresholds,
-    /// Privacy masks filled into this camera's images before they are stored.
-    pub masks: Vec<Mask>,
-}
-
-impl CameraConfig {
-    /// What this camera's frames get besides the bay-wide resize.
-    pub fn imaging(&self) -> CameraImaging {
-        CameraImaging { quality: self.quality, masks: self.masks.clone() }
-    }
 }
 
 impl Config {
@@ -247,47 +192,14 @@ impl ConfigError {
     }
 }
 
-/// Reads and checks a configuration file; creates `state_dir` if needed and proves it writable.
+/// Reads and checks a configuration file; reads the files it names (secrets, CA files), creates
+/// `state_dir` if needed and proves it writable.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let origin = path.display().to_string();
     let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError::Unreadable { path: path.display().to_string(), reason: e.to_string() })?;
-    let config = parse(&text, &path.display().to_string())?;
-    if let Some(cloud) = &config.cloud {
-        cloud.secret().map_err(|e| ConfigError::Invalid {
-            path: path.display().to_string(),
-            key: "cloud.api_secret_file".to_owned(),
-            problem: e.to_string(),
-            fix: "the kiosk cannot sign requests without it".to_owned(),
-        })?;
-        crate::upload::client::check_trust(cloud).map_err(|e| ConfigError::Invalid {
-            path: path.display().to_string(),
-            key: e.key().to_owned(),
-            problem: e.to_string(),
-            fix: "the kiosk cannot check the cloud's certificate without it".to_owned(),
-        })?;
-    }
-    if let Some(key) = config.mqtt.as_ref().and_then(|m| m.client_key_file.as_deref()) {
-        crate::upload::credentials::load_secret(Some(key), None).map_err(|e| ConfigError::Invalid {
-            path: path.display().to_string(),
-            key: "mqtt.client_key_file".to_owned(),
-            problem: e.to_string(),
-            fix: "the kiosk cannot show the broker its certificate without it".to_owned(),
-        })?;
-    }
-    for (i, camera) in config.cameras.iter().enumerate() {
-        crate::capture::check_files(camera).map_err(|(key, problem)| ConfigError::Invalid {
-            path: path.display().to_string(),
-            key: format!("cameras[{i}].{key}"),
-            problem,
-            fix: "the camera cannot be used without it".to_owned(),
-        })?;
-    }
-    prepare_state_dir(&config.state_dir).map_err(|(problem, fix)| ConfigError::Invalid {
-        path: path.display().to_string(),
-        key: "state_dir".to_owned(),
-        problem,
-        fix,
-    })?;
+        .map_err(|e| ConfigError::Unreadable { path: origin.clone(), reason: e.to_string() })?;
+    let config = parse(&text, &origin)?;
+    check_files(&config).map_err(|i| refused(&origin, i))?;
     Ok(config)
 }
 
@@ -298,12 +210,7 @@ pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
         path: origin.to_owned(),
         message: e.to_string().trim_end().to_owned(),
     })?;
-    raw.check().map_err(|i| ConfigError::Invalid {
-        path: origin.to_owned(),
-        key: i.key,
-        problem: i.problem,
-        fix: i.fix,
-    })
+    raw.check().map_err(|i| refused(origin, i))
 }
 
 /// Creates the state directory if needed and proves the kiosk can write in it.
@@ -324,58 +231,42 @@ pub fn prepare_state_dir(dir: &Path) -> Result<(), (String, String)> {
     }
 }
 
-/// A byte count written as `8 GiB`, `512 MiB`, `500MB`, `1048576` or `64 kB`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct ByteSize(pub u64);
-
-impl ByteSize {
-    pub fn parse(text: &str) -> Result<ByteSize, String> {
-        let t = text.trim();
-        let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
-        let (number, unit) = t.split_at(split);
-        let unit = unit.trim();
-        if number.is_empty() {
-            return Err(format!("{text:?} does not start with a number"));
-        }
-        let multiplier: u64 = match unit.to_ascii_lowercase().as_str() {
-            "" | "b" => 1,
-            "k" | "kb" => 1_000,
-            "m" | "mb" => 1_000_000,
-            "g" | "gb" => 1_000_000_000,
-            "t" | "tb" => 1_000_000_000_000,
-            "kib" => 1 << 10,
-            "mib" => 1 << 20,
-            "gib" => 1 << 30,
-            "tib" => 1 << 40,
-            _ => return Err(format!("{text:?} has an unknown unit {unit:?}")),
-        };
-        let value: f64 = number.parse().map_err(|_| format!("{text:?} does not start with a number"))?;
-        let bytes = value * multiplier as f64;
-        if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
-            return Err(format!("{text:?} is out of range"));
-        }
-        Ok(ByteSize(bytes.round() as u64))
-    }
+/// The refusal of a key of the text named `origin`.
+fn refused(origin: &str, i: Invalid) -> ConfigError {
+    ConfigError::Invalid { path: origin.to_owned(), key: i.key, problem: i.problem, fix: i.fix }
 }
 
-impl fmt::Display for ByteSize {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-        let mut value = self.0 as f64;
-        let mut unit = 0;
-        while value >= 1024.0 && unit < UNITS.len() - 1 {
-            value /= 1024.0;
-            unit += 1;
-        }
-        if unit == 0 {
-            write!(f, "{} B", self.0)
-        } else {
-            write!(f, "{value:.1} {}", UNITS[unit])
-        }
+/// Reads every file a checked configuration names, in the order a person fixes them: the
+/// cloud's secret and roots, the MQTT client key, each camera's files, then the state directory.
+fn check_files(config: &Config) -> Result<(), Invalid> {
+    if let Some(cloud) = &config.cloud {
+        cloud.secret().map_err(|e| {
+            invalid("cloud.api_secret_file", e.to_string(), "the kiosk cannot sign requests without it")
+        })?;
+        crate::trust::check(cloud.trust, cloud.ca_file.as_deref()).map_err(|e| {
+            invalid(e.key(), e.to_string(), "the kiosk cannot check the cloud's certificate without it")
+        })?;
     }
+    if let Some(key) = config.mqtt.as_ref().and_then(|m| m.client_key_file.as_deref()) {
+        credentials::load_file(key).map_err(|e| {
+            invalid(
+                "mqtt.client_key_file",
+                e.to_string(),
+                "the kiosk cannot show the broker its certificate without it",
+            )
+        })?;
+    }
+    for (i, camera) in config.cameras.iter().enumerate() {
+        crate::capture::check_files(camera).map_err(|e| {
+            invalid(
+                format!("cameras[{i}].{}", e.key()),
+                e.to_string(),
+                "the camera cannot be used without it",
+            )
+        })?;
+    }
+    prepare_state_dir(&config.state_dir).map_err(|(problem, fix)| invalid("state_dir", problem, fix))
 }
-
-const SIZE_FIX: &str = "write a number with a unit, e.g. \"8 GiB\", \"512 MiB\" or \"500 MB\"";
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -530,140 +421,6 @@ impl Default for RawBuffer {
     }
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawCamera {
-    id: String,
-    source: String,
-    angles: Vec<String>,
-    #[serde(default = "default_timeout")]
-    timeout: String,
-    #[serde(default = "default_max_frame")]
-    max_frame_bytes: String,
-    resolution: Option<String>,
-    format: Option<String>,
-    #[serde(default = "default_true")]
-    keep_warm: bool,
-    credentials_file: Option<PathBuf>,
-    ca_file: Option<PathBuf>,
-    #[serde(default)]
-    quality: RawQuality,
-    #[serde(default)]
-    masks: Vec<RawMask>,
-}
-
-/// `[[cameras]] quality = { … }`: any threshold left out keeps its default.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawQuality {
-    min_sharpness: Option<f64>,
-    max_dark_clipped: Option<f64>,
-    max_bright_clipped: Option<f64>,
-    min_mean_luma: Option<f64>,
-    max_mean_luma: Option<f64>,
-    max_glare: Option<f64>,
-}
-
-/// `[[cameras]] masks = [{ polygon = [[x, y], …], fill = "black" }]`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawMask {
-    name: Option<String>,
-    polygon: Vec<Vec<f64>>,
-    #[serde(default = "default_fill")]
-    fill: String,
-}
-
-fn default_fill() -> String {
-    "black".to_owned()
-}
-
-impl RawQuality {
-    /// `at` makes a key of a field name (`cameras[0].quality.min_sharpness`).
-    fn check(&self, at: &dyn Fn(&str) -> String) -> Result<QualityThresholds, Invalid> {
-        let d = QualityThresholds::DEFAULT;
-        let value =
-            |field: &str, v: Option<f64>, default: f64, range: std::ops::RangeInclusive<f64>, fix: &str| {
-                let v = v.unwrap_or(default);
-                if range.contains(&v) {
-                    Ok(v)
-                } else {
-                    Err(invalid(at(&format!("quality.{field}")), format!("{v} is out of range"), fix))
-                }
-            };
-        let share = "use a fraction from 0.0 to 1.0 (0.2 is 20 %)";
-        let luma = "use a mean luma from 0 to 255";
-        let t = QualityThresholds {
-            min_sharpness: value(
-                "min_sharpness",
-                self.min_sharpness,
-                d.min_sharpness,
-                0.0..=1e9,
-                "use 0 (off) or more; capture-kiosk cameras prints each camera's sharpness",
-            )?,
-            max_dark_clipped: value(
-                "max_dark_clipped",
-                self.max_dark_clipped,
-                d.max_dark_clipped,
-                0.0..=1.0,
-                share,
-            )?,
-            max_bright_clipped: value(
-                "max_bright_clipped",
-                self.max_bright_clipped,
-                d.max_bright_clipped,
-                0.0..=1.0,
-                share,
-            )?,
-            min_mean_luma: value("min_mean_luma", self.min_mean_luma, d.min_mean_luma, 0.0..=255.0, luma)?,
-            max_mean_luma: value("max_mean_luma", self.max_mean_luma, d.max_mean_luma, 0.0..=255.0, luma)?,
-            max_glare: value("max_glare", self.max_glare, d.max_glare, 0.0..=1.0, share)?,
-        };
-        if t.min_mean_luma >= t.max_mean_luma {
-            return Err(invalid(
-                at("quality.min_mean_luma"),
-                format!("{} is not below max_mean_luma {}", t.min_mean_luma, t.max_mean_luma),
-                "make min_mean_luma smaller than max_mean_luma",
-            ));
-        }
-        Ok(t)
-    }
-}
-
-impl RawMask {
-    /// Checks mask `index` of camera `camera` (key `key`).
-    fn check(self, camera: &str, index: usize, key: String) -> Result<Mask, Invalid> {
-        let named = match &self.name {
-            Some(name) => format!("mask {} ({name:?}) of camera {camera:?}", index + 1),
-            None => format!("mask {} of camera {camera:?}", index + 1),
-        };
-        let fix = "list 3 or more [x, y] points, x and y from 0.0 to 1.0 as fractions of the upright \
-                   picture's width and height (capture-kiosk cameras writes a preview with a grid every 0.1)";
-        let fill = Fill::parse(&self.fill).ok_or_else(|| {
-            invalid(
-                format!("{key}.fill"),
-                format!("{named}: {:?} is not a fill", self.fill),
-                "use \"black\" or \"pixelate\"",
-            )
-        })?;
-        let mut polygon = Vec::with_capacity(self.polygon.len());
-        for (i, point) in self.polygon.iter().enumerate() {
-            match point.as_slice() {
-                &[x, y] => polygon.push([x, y]),
-                other => {
-                    return Err(invalid(
-                        format!("{key}.polygon"),
-                        format!("{named}: point {} has {} number(s), not 2", i + 1, other.len()),
-                        fix,
-                    ))
-                }
-            }
-        }
-        Mask::new(self.name, polygon, fill)
-            .map_err(|e| invalid(format!("{key}.polygon"), format!("{named} {e}"), fix))
-    }
-}
-
 fn default_angles() -> Vec<String> {
     PhotoLabel::EXTERIOR.iter().map(|l| l.as_str().to_owned()).collect()
 }
@@ -685,548 +442,356 @@ fn default_min_free() -> String {
 fn default_retention() -> String {
     "7 days".to_owned()
 }
-fn default_timeout() -> String {
-    "5s".to_owned()
-}
-fn default_max_frame() -> String {
-    "32 MiB".to_owned()
-}
 
-struct Invalid {
-    key: String,
-    problem: String,
-    fix: String,
-}
-
-fn invalid(key: impl Into<String>, problem: impl Into<String>, fix: impl Into<String>) -> Invalid {
-    Invalid { key: key.into(), problem: problem.into(), fix: fix.into() }
-}
-
-fn labels(key: &str, names: &[String]) -> Result<Vec<PhotoLabel>, Invalid> {
-    names
-        .iter()
-        .map(|n| {
-            PhotoLabel::parse(n).map_err(|_| {
-                invalid(
-                    key,
-                    format!("{n:?} is not a photo label"),
-                    format!("use one of {}", PhotoLabel::names().join(", ")),
-                )
-            })
+impl RawConfig {
+    /// Checks section by section, in the order of the file.
+    fn check(self) -> Result<Config, Invalid> {
+        check_bay(&self.bay_id, &self.state_dir)?;
+        let inspection = check_inspection(self.inspection)?;
+        let (imaging, imaging_workers) = check_imaging(self.imaging)?;
+        let buffer = check_buffer(self.buffer)?;
+        let cameras = check_cameras(self.cameras, &inspection.angles)?;
+        let cloud = self.cloud.map(check_cloud).transpose()?;
+        let mqtt = self.mqtt.map(check_mqtt).transpose()?;
+        Ok(Config {
+            bay_id: self.bay_id,
+            state_dir: self.state_dir,
+            inspection,
+            imaging,
+            imaging_workers,
+            buffer,
+            cameras,
+            cloud,
+            mqtt,
         })
-        .collect()
+    }
 }
 
-fn size(key: &str, text: &str) -> Result<u64, Invalid> {
-    ByteSize::parse(text).map(|s| s.0).map_err(|problem| invalid(key, problem, SIZE_FIX))
+/// `bay_id` and `state_dir`.
+fn check_bay(bay_id: &str, state_dir: &Path) -> Result<(), Invalid> {
+    if !setting::is_plain_id(bay_id) {
+        return Err(invalid(
+            "bay_id",
+            format!("{bay_id:?} is not a usable bay id (it becomes part of MQTT topics)"),
+            "use 1-64 characters of A-Z, a-z, 0-9, '-' and '_', e.g. \"bay-07\"",
+        ));
+    }
+    if state_dir.as_os_str().is_empty() {
+        return Err(invalid(
+            "state_dir",
+            "is empty",
+            "set it to a directory, e.g. \"/var/lib/capture-kiosk\"",
+        ));
+    }
+    Ok(())
 }
 
-fn duration(key: &str, text: &str) -> Result<Duration, Invalid> {
-    humantime::parse_duration(text.trim()).map_err(|e| {
-        invalid(
-            key,
-            format!("{text:?} is not a duration ({e})"),
-            "write e.g. \"5s\", \"30 min\" or \"7 days\"",
-        )
+/// `[inspection]`.
+fn check_inspection(raw: RawInspection) -> Result<InspectionConfig, Invalid> {
+    let angles = setting::labels("inspection.angles", &raw.angles)?;
+    if angles.is_empty() {
+        return Err(invalid(
+            "inspection.angles",
+            "is empty",
+            "list at least one angle, e.g. [\"Front\", \"Rear\"]",
+        ));
+    }
+    if let Some(dup) = first_duplicate(&angles) {
+        return Err(invalid("inspection.angles", format!("lists {dup} twice"), "list each angle once"));
+    }
+    let capture_attempts = in_range(
+        "inspection.capture_attempts",
+        raw.capture_attempts,
+        1,
+        10,
+        "use 1 to 10 (3 is a good start)",
+    )?;
+    let camera_probe_interval = setting::duration_in_range(
+        "inspection.camera_probe_interval",
+        &raw.camera_probe_interval,
+        Duration::from_secs(1),
+        Duration::from_secs(3600),
+        "use between \"1s\" and \"1h\" (\"10s\" is the default)",
+    )?;
+    let bad_frames_to_offline = in_range(
+        "inspection.bad_frames_to_offline",
+        raw.bad_frames_to_offline,
+        1,
+        100,
+        "use 1 to 100 (3 is the default)",
+    )?;
+    Ok(InspectionConfig {
+        angles,
+        capture_attempts: capture_attempts as u32,
+        refuse_when_camera_offline: raw.refuse_when_camera_offline,
+        camera_probe_interval,
+        bad_frames_to_offline: bad_frames_to_offline as u32,
     })
 }
 
-impl RawConfig {
-    fn check(self) -> Result<Config, Invalid> {
-        let bay_ok = !self.bay_id.is_empty()
-            && self.bay_id.len() <= 64
-            && self.bay_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-        if !bay_ok {
-            return Err(invalid(
-                "bay_id",
-                format!("{:?} is not a usable bay id (it becomes part of MQTT topics)", self.bay_id),
-                "use 1-64 characters of A-Z, a-z, 0-9, '-' and '_', e.g. \"bay-07\"",
-            ));
-        }
-        if self.state_dir.as_os_str().is_empty() {
-            return Err(invalid(
-                "state_dir",
-                "is empty",
-                "set it to a directory, e.g. \"/var/lib/capture-kiosk\"",
-            ));
-        }
-
-        let angles = labels("inspection.angles", &self.inspection.angles)?;
-        if angles.is_empty() {
-            return Err(invalid(
-                "inspection.angles",
-                "is empty",
-                "list at least one angle, e.g. [\"Front\", \"Rear\"]",
-            ));
-        }
-        if let Some(dup) = first_duplicate(&angles) {
-            return Err(invalid("inspection.angles", format!("lists {dup} twice"), "list each angle once"));
-        }
-        let attempts = self.inspection.capture_attempts;
-        if !(1..=10).contains(&attempts) {
-            return Err(invalid(
-                "inspection.capture_attempts",
-                format!("{attempts} is out of range"),
-                "use 1 to 10 (3 is a good start)",
-            ));
-        }
-        let probe_interval =
-            duration("inspection.camera_probe_interval", &self.inspection.camera_probe_interval)?;
-        if probe_interval < Duration::from_secs(1) || probe_interval > Duration::from_secs(3600) {
-            return Err(invalid(
-                "inspection.camera_probe_interval",
-                format!("{} is out of range", self.inspection.camera_probe_interval),
-                "use between \"1s\" and \"1h\" (\"10s\" is the default)",
-            ));
-        }
-        let bad_frames = self.inspection.bad_frames_to_offline;
-        if !(1..=100).contains(&bad_frames) {
-            return Err(invalid(
-                "inspection.bad_frames_to_offline",
-                format!("{bad_frames} is out of range"),
-                "use 1 to 100 (3 is the default)",
-            ));
-        }
-
-        let edge = self.imaging.max_long_edge;
-        if !(64..=16384).contains(&edge) {
-            return Err(invalid(
-                "imaging.max_long_edge",
-                format!("{edge} is out of range"),
-                "use 64 to 16384 pixels (1920 is usual)",
-            ));
-        }
-        let quality = self.imaging.jpeg_quality;
-        if !(1..=100).contains(&quality) {
-            return Err(invalid(
-                "imaging.jpeg_quality",
-                format!("{quality} is out of range"),
-                "use 1 to 100 (85 is usual)",
-            ));
-        }
-        let workers = match self.imaging.workers {
-            None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-            Some(n @ 1..=64) => n as usize,
-            Some(n) => {
-                return Err(invalid(
-                    "imaging.workers",
-                    format!("{n} is out of range"),
-                    "use 1 to 64 (leave it out for one per CPU; each worker holds one decoded frame)",
-                ))
-            }
-        };
-
-        let max_bytes = size("buffer.max_bytes", &self.buffer.max_bytes)?;
-        if max_bytes < 1 << 20 {
-            return Err(invalid(
-                "buffer.max_bytes",
-                format!("{} is too small to hold one inspection", ByteSize(max_bytes)),
-                "use at least \"64 MiB\"",
-            ));
-        }
-        let min_free_disk = size("buffer.min_free_disk", &self.buffer.min_free_disk)?;
-        let retention_text = self.buffer.completed_retention.trim();
-        let completed_retention = if retention_text.eq_ignore_ascii_case("forever") {
-            None
-        } else {
-            Some(duration("buffer.completed_retention", retention_text)?)
-        };
-
-        if self.cameras.is_empty() {
-            return Err(invalid(
-                "cameras",
-                "no camera is configured",
-                "add a [[cameras]] table with id, source and angles",
-            ));
-        }
-        let mut cameras = Vec::with_capacity(self.cameras.len());
-        let mut owner: BTreeMap<PhotoLabel, String> = BTreeMap::new();
-        for (index, raw) in self.cameras.into_iter().enumerate() {
-            let at = |field: &str| format!("cameras[{index}].{field}");
-            let id_ok = !raw.id.is_empty()
-                && raw.id.len() <= 64
-                && raw.id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-            if !id_ok {
-                return Err(invalid(
-                    at("id"),
-                    format!("{:?} is not a usable camera id", raw.id),
-                    "use 1-64 characters of A-Z, a-z, 0-9, '-' and '_'",
-                ));
-            }
-            if cameras.iter().any(|c: &CameraConfig| c.id == raw.id) {
-                return Err(invalid(
-                    at("id"),
-                    format!("{:?} is used by two cameras", raw.id),
-                    "give every camera its own id",
-                ));
-            }
-            let source =
-                CameraSource::parse(&raw.source).map_err(|e| invalid(at("source"), e.problem, e.fix))?;
-            let cam_angles = labels(&at("angles"), &raw.angles)?;
-            if cam_angles.is_empty() {
-                return Err(invalid(
-                    at("angles"),
-                    "is empty",
-                    "list the angles this camera shoots, e.g. [\"Front\"]",
-                ));
-            }
-            for angle in &cam_angles {
-                if let Some(other) = owner.insert(*angle, raw.id.clone()) {
-                    return Err(invalid(
-                        at("angles"),
-                        format!("{angle} is covered twice (cameras {other:?} and {:?})", raw.id),
-                        "give each angle to exactly one camera",
-                    ));
-                }
-            }
-            let timeout = duration(&at("timeout"), &raw.timeout)?;
-            if timeout.is_zero() || timeout > Duration::from_secs(120) {
-                return Err(invalid(
-                    at("timeout"),
-                    format!("{} is out of range", raw.timeout),
-                    "use between \"100ms\" and \"120s\"",
-                ));
-            }
-            let max_frame_bytes = size(&at("max_frame_bytes"), &raw.max_frame_bytes)?;
-            if max_frame_bytes < 64 * 1024 {
-                return Err(invalid(
-                    at("max_frame_bytes"),
-                    "is too small for a camera frame",
-                    "use at least \"1 MiB\" (32 MiB is the default)",
-                ));
-            }
-            let is_v4l2 = matches!(source, CameraSource::V4l2(_));
-            let is_http = matches!(source, CameraSource::Http(_));
-            let resolution = match &raw.resolution {
-                None => None,
-                Some(_) if !is_v4l2 => {
-                    return Err(invalid(
-                        at("resolution"),
-                        "is set for a camera that is not v4l2:",
-                        "remove it; only V4L2 cameras have modes",
-                    ))
-                }
-                Some(text) => {
-                    let parsed = text
-                        .split_once(['x', 'X'])
-                        .and_then(|(w, h)| {
-                            Some((w.trim().parse::<u32>().ok()?, h.trim().parse::<u32>().ok()?))
-                        })
-                        .filter(|(w, h)| (16..=16384).contains(w) && (16..=16384).contains(h));
-                    match parsed {
-                        Some(r) => Some(r),
-                        None => {
-                            return Err(invalid(
-                                at("resolution"),
-                                format!("{text:?} is not WIDTHxHEIGHT"),
-                                "write e.g. \"3840x2160\"; capture-kiosk cameras lists the modes",
-                            ))
-                        }
-                    }
-                }
-            };
-            let format = match &raw.format {
-                None => None,
-                Some(_) if !is_v4l2 => {
-                    return Err(invalid(
-                        at("format"),
-                        "is set for a camera that is not v4l2:",
-                        "remove it; only V4L2 cameras have pixel formats",
-                    ))
-                }
-                Some(text) => match crate::capture::PixelFormat::parse(text) {
-                    Some(f) => Some(f),
-                    None => {
-                        return Err(invalid(
-                            at("format"),
-                            format!("{text:?} is not a known pixel format"),
-                            "use \"mjpeg\", \"yuyv\", \"nv12\" or \"gray\"",
-                        ))
-                    }
-                },
-            };
-            for (key, set) in
-                [("credentials_file", raw.credentials_file.is_some()), ("ca_file", raw.ca_file.is_some())]
-            {
-                if set && !is_http {
-                    return Err(invalid(
-                        at(key),
-                        "is set for a camera that is not http(s)://",
-                        "remove it; only IP cameras take credentials and CA files",
-                    ));
-                }
-            }
-            if raw.ca_file.is_some() && !raw.source.to_ascii_lowercase().starts_with("https://") {
-                return Err(invalid(
-                    at("ca_file"),
-                    "is set but the source is plain http://",
-                    "use an https:// source, or remove ca_file",
-                ));
-            }
-            if is_http && raw.source.contains('@') {
-                return Err(invalid(
-                    at("source"),
-                    "contains credentials",
-                    "remove user:password@ from the URL and put them in credentials_file (mode 600)",
-                ));
-            }
-            let quality = raw.quality.check(&at)?;
-            let mut masks = Vec::with_capacity(raw.masks.len());
-            for (m, mask) in raw.masks.into_iter().enumerate() {
-                masks.push(mask.check(&raw.id, m, at(&format!("masks[{m}]")))?);
-            }
-            cameras.push(CameraConfig {
-                quality,
-                masks,
-                id: raw.id,
-                source,
-                angles: cam_angles,
-                timeout,
-                max_frame_bytes,
-                resolution,
-                format,
-                keep_warm: raw.keep_warm,
-                credentials_file: raw.credentials_file,
-                ca_file: raw.ca_file,
-            });
-        }
-        if let Some(missing) = angles.iter().find(|a| !owner.contains_key(a)) {
-            return Err(invalid(
-                "inspection.angles",
-                format!("{missing} is required but no camera covers it"),
-                format!(
-                    "add {missing} to the angles of a [[cameras]] entry, or remove it from inspection.angles"
-                ),
-            ));
-        }
-
-        let cloud = match self.cloud {
-            None => None,
-            Some(raw) => Some(raw.check()?),
-        };
-
-        let mqtt = match self.mqtt {
-            None => None,
-            Some(raw) => Some(raw.check()?),
-        };
-
-        Ok(Config {
-            cloud,
-            mqtt,
-            bay_id: self.bay_id,
-            state_dir: self.state_dir,
-            inspection: InspectionConfig {
-                angles,
-                capture_attempts: attempts as u32,
-                refuse_when_camera_offline: self.inspection.refuse_when_camera_offline,
-                camera_probe_interval: probe_interval,
-                bad_frames_to_offline: bad_frames as u32,
-            },
-            imaging: ResizeSpec { max_long_edge: edge as u32, jpeg_quality: quality as u8 },
-            imaging_workers: workers,
-            buffer: BufferConfig { caps: Caps { max_bytes, min_free_disk }, completed_retention },
-            cameras,
-        })
-    }
+/// `[imaging]`: the resize and re-encode of every image, and how many frames are developed at
+/// once.
+fn check_imaging(raw: RawImaging) -> Result<(ResizeSpec, usize), Invalid> {
+    let edge = in_range(
+        "imaging.max_long_edge",
+        raw.max_long_edge,
+        64,
+        16384,
+        "use 64 to 16384 pixels (1920 is usual)",
+    )?;
+    let quality = in_range("imaging.jpeg_quality", raw.jpeg_quality, 1, 100, "use 1 to 100 (85 is usual)")?;
+    let workers = match raw.workers {
+        None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        Some(n) => in_range(
+            "imaging.workers",
+            n,
+            1,
+            64,
+            "use 1 to 64 (leave it out for one per CPU; each worker holds one decoded frame)",
+        )? as usize,
+    };
+    Ok((ResizeSpec { max_long_edge: edge as u32, jpeg_quality: quality as u8 }, workers))
 }
 
-impl RawCloud {
-    fn check(self) -> Result<CloudConfig, Invalid> {
-        let url = self.base_url.trim().trim_end_matches('/').to_owned();
-        let lower = url.to_ascii_lowercase();
-        let host = lower.split_once("://").map(|(_, rest)| rest).unwrap_or("");
-        if !(lower.starts_with("https://") || lower.starts_with("http://")) || host.is_empty() {
-            return Err(invalid(
-                "cloud.base_url",
-                format!("{url:?} is not an http(s) URL"),
-                "write e.g. \"https://api.example.com\"",
-            ));
-        }
-        if url.contains('@') {
-            return Err(invalid("cloud.base_url", "contains credentials", "remove user:password@ from the URL; the account goes in username, api_key and the secret file"));
-        }
-        for (key, value) in [("cloud.username", &self.username), ("cloud.api_key", &self.api_key)] {
-            if value.trim().is_empty() || value.chars().any(char::is_control) {
-                return Err(invalid(
-                    key,
-                    "is empty or has control characters",
-                    "copy it from the cloud account's settings",
-                ));
-            }
-        }
-        let client_ok = !self.client_id.is_empty()
-            && self.client_id.len() <= 64
-            && !self.client_id.chars().any(char::is_control);
-        if !client_ok {
-            return Err(invalid(
-                "cloud.client_id",
-                format!("{:?} is not usable", self.client_id),
-                "use 1-64 printable characters, e.g. \"BAY-07\"",
-            ));
-        }
-        let max_request_bytes = size("cloud.max_request_bytes", &self.max_request_bytes)?;
-        if !(1 << 20..=64 << 20).contains(&max_request_bytes) {
-            return Err(invalid(
-                "cloud.max_request_bytes",
-                format!("{} is out of range", ByteSize(max_request_bytes)),
-                "use 1 MiB to 64 MiB (the cloud refuses requests over 64 MiB)",
-            ));
-        }
-        let request_timeout = duration("cloud.request_timeout", &self.request_timeout)?;
-        if request_timeout < Duration::from_secs(1) || request_timeout > Duration::from_secs(600) {
-            return Err(invalid(
-                "cloud.request_timeout",
-                format!("{} is out of range", self.request_timeout),
-                "use 1s to 10min",
-            ));
-        }
-        let trust = match self.trust.trim() {
-            "bundled" => CloudTrust::Bundled,
-            "system" => CloudTrust::System,
-            "both" => CloudTrust::Both,
-            other => {
-                return Err(invalid(
-                    "cloud.trust",
-                    format!("{other:?} is not a trust choice"),
-                    "write \"bundled\" (the roots built in), \"system\" (the system's store) or \"both\"",
-                ))
-            }
-        };
-        if self.ca_file.as_deref().is_some_and(|p| p.as_os_str().is_empty()) {
-            return Err(invalid(
-                "cloud.ca_file",
-                "is empty",
-                "give the path of a PEM file of CA certificates, or remove the key",
-            ));
-        }
-        Ok(CloudConfig {
-            trust,
-            ca_file: self.ca_file,
-            base_url: url,
-            username: self.username,
-            api_key: self.api_key,
-            client_id: self.client_id,
-            api_secret_file: self.api_secret_file,
-            max_request_bytes,
-            request_timeout,
-            require_clock_sync: self.require_clock_sync,
-        })
-    }
+/// `[buffer]`.
+fn check_buffer(raw: RawBuffer) -> Result<BufferConfig, Invalid> {
+    let max_bytes = in_range(
+        "buffer.max_bytes",
+        setting::size("buffer.max_bytes", &raw.max_bytes)?,
+        ByteSize(1 << 20),
+        ByteSize::MAX,
+        "use at least \"64 MiB\" (less cannot hold one inspection)",
+    )?;
+    let min_free_disk = setting::size("buffer.min_free_disk", &raw.min_free_disk)?;
+    let retention_text = raw.completed_retention.trim();
+    let completed_retention = if retention_text.eq_ignore_ascii_case("forever") {
+        None
+    } else {
+        Some(setting::duration("buffer.completed_retention", retention_text)?)
+    };
+    Ok(BufferConfig {
+        caps: Caps { max_bytes: max_bytes.0, min_free_disk: min_free_disk.0 },
+        completed_retention,
+    })
 }
 
-impl RawMqtt {
-    fn check(self) -> Result<MqttConfig, Invalid> {
-        let url = self.url.trim();
-        let url_fix = "write mqtt://HOST[:PORT] or mqtts://HOST[:PORT], e.g. \"mqtt://broker.local:1883\"";
-        let (tls, rest) = if let Some(rest) = url.strip_prefix("mqtts://") {
-            (true, rest)
-        } else if let Some(rest) = url.strip_prefix("mqtt://") {
-            (false, rest)
-        } else {
-            return Err(invalid("mqtt.url", format!("{url:?} is not an mqtt:// or mqtts:// URL"), url_fix));
-        };
-        let rest = rest.trim_end_matches('/');
-        if rest.contains('@') {
+/// `[[cameras]]`: each camera's own keys ([`RawCamera::check`]), then that every angle the
+/// inspection needs (`required`) has a camera.
+fn check_cameras(raw: Vec<RawCamera>, required: &[PhotoLabel]) -> Result<Vec<CameraConfig>, Invalid> {
+    if raw.is_empty() {
+        return Err(invalid(
+            "cameras",
+            "no camera is configured",
+            "add a [[cameras]] table with id, source and angles",
+        ));
+    }
+    let mut cameras = Vec::with_capacity(raw.len());
+    for (index, camera) in raw.into_iter().enumerate() {
+        let checked = camera.check(&format!("cameras[{index}]"), &cameras)?;
+        cameras.push(checked);
+    }
+    if let Some(missing) = required.iter().find(|a| !cameras.iter().any(|c| c.angles.contains(a))) {
+        return Err(invalid(
+            "inspection.angles",
+            format!("{missing} is required but no camera covers it"),
+            format!(
+                "add {missing} to the angles of a [[cameras]] entry, or remove it from inspection.angles"
+            ),
+        ));
+    }
+    Ok(cameras)
+}
+
+/// `[cloud]`.
+fn check_cloud(raw: RawCloud) -> Result<CloudConfig, Invalid> {
+    let url = raw.base_url.trim().trim_end_matches('/').to_owned();
+    let lower = url.to_ascii_lowercase();
+    let host = lower.split_once("://").map(|(_, rest)| rest).unwrap_or("");
+    if !(lower.starts_with("https://") || lower.starts_with("http://")) || host.is_empty() {
+        return Err(invalid(
+            "cloud.base_url",
+            format!("{url:?} is not an http(s) URL"),
+            "write e.g. \"https://api.example.com\"",
+        ));
+    }
+    if url.contains('@') {
+        return Err(invalid(
+            "cloud.base_url",
+            "contains credentials",
+            "remove user:password@ from the URL; the account goes in username, api_key and the secret file",
+        ));
+    }
+    for (key, value) in [("cloud.username", &raw.username), ("cloud.api_key", &raw.api_key)] {
+        if value.trim().is_empty() || value.chars().any(char::is_control) {
             return Err(invalid(
-                "mqtt.url",
-                "contains credentials",
-                "remove user:password@ from the URL; use mqtt.username and mqtt.password_file",
+                key,
+                "is empty or has control characters",
+                "copy it from the cloud account's settings",
             ));
         }
-        if rest.contains(['/', '?', '#']) {
-            return Err(invalid("mqtt.url", format!("{url:?} has a path or query"), url_fix));
-        }
-        let (host, port) = match rest.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => match p.parse::<u16>() {
-                Ok(port) if port > 0 => (h, port),
-                _ => return Err(invalid("mqtt.url", format!("port {p:?} is not a port number"), url_fix)),
-            },
-            _ => (rest, if tls { 8883 } else { 1883 }),
-        };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() {
-            return Err(invalid("mqtt.url", format!("{url:?} names no host"), url_fix));
-        }
-        let prefix = topic_levels("mqtt.topic_prefix", &self.topic_prefix, "capture-kiosk")?;
-        let discovery_prefix =
-            topic_levels("mqtt.discovery_prefix", &self.discovery_prefix, "homeassistant")?;
-        if tls && self.ca_file.is_none() {
+    }
+    let client_ok = !raw.client_id.is_empty()
+        && raw.client_id.len() <= 64
+        && !raw.client_id.chars().any(char::is_control);
+    if !client_ok {
+        return Err(invalid(
+            "cloud.client_id",
+            format!("{:?} is not usable", raw.client_id),
+            "use 1-64 printable characters, e.g. \"BAY-07\"",
+        ));
+    }
+    let max_request_bytes = in_range(
+        "cloud.max_request_bytes",
+        setting::size("cloud.max_request_bytes", &raw.max_request_bytes)?,
+        ByteSize(1 << 20),
+        ByteSize(64 << 20),
+        "use 1 MiB to 64 MiB (the cloud refuses requests over 64 MiB)",
+    )?;
+    let request_timeout = setting::duration_in_range(
+        "cloud.request_timeout",
+        &raw.request_timeout,
+        Duration::from_secs(1),
+        Duration::from_secs(600),
+        "use 1s to 10min",
+    )?;
+    let trust = CloudTrust::parse(&raw.trust).ok_or_else(|| {
+        invalid(
+            "cloud.trust",
+            format!("{:?} is not a trust choice", raw.trust.trim()),
+            "write \"bundled\" (the roots built in), \"system\" (the system's store) or \"both\"",
+        )
+    })?;
+    if raw.ca_file.as_deref().is_some_and(|p| p.as_os_str().is_empty()) {
+        return Err(invalid(
+            "cloud.ca_file",
+            "is empty",
+            "give the path of a PEM file of CA certificates, or remove the key",
+        ));
+    }
+    Ok(CloudConfig {
+        trust,
+        ca_file: raw.ca_file,
+        base_url: url,
+        username: raw.username,
+        api_key: raw.api_key,
+        client_id: raw.client_id,
+        api_secret_file: raw.api_secret_file,
+        max_request_bytes: max_request_bytes.0,
+        request_timeout,
+        require_clock_sync: raw.require_clock_sync,
+    })
+}
+
+/// `[mqtt]`.
+fn check_mqtt(raw: RawMqtt) -> Result<MqttConfig, Invalid> {
+    let url = raw.url.trim();
+    let url_fix = "write mqtt://HOST[:PORT] or mqtts://HOST[:PORT], e.g. \"mqtt://broker.local:1883\"";
+    let (tls, rest) = if let Some(rest) = url.strip_prefix("mqtts://") {
+        (true, rest)
+    } else if let Some(rest) = url.strip_prefix("mqtt://") {
+        (false, rest)
+    } else {
+        return Err(invalid("mqtt.url", format!("{url:?} is not an mqtt:// or mqtts:// URL"), url_fix));
+    };
+    let rest = rest.trim_end_matches('/');
+    if rest.contains('@') {
+        return Err(invalid(
+            "mqtt.url",
+            "contains credentials",
+            "remove user:password@ from the URL; use mqtt.username and mqtt.password_file",
+        ));
+    }
+    if rest.contains(['/', '?', '#']) {
+        return Err(invalid("mqtt.url", format!("{url:?} has a path or query"), url_fix));
+    }
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => match p.parse::<u16>() {
+            Ok(port) if port > 0 => (h, port),
+            _ => return Err(invalid("mqtt.url", format!("port {p:?} is not a port number"), url_fix)),
+        },
+        _ => (rest, if tls { 8883 } else { 1883 }),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(invalid("mqtt.url", format!("{url:?} names no host"), url_fix));
+    }
+    let prefix = topic_levels("mqtt.topic_prefix", &raw.topic_prefix, "capture-kiosk")?;
+    let discovery_prefix = topic_levels("mqtt.discovery_prefix", &raw.discovery_prefix, "homeassistant")?;
+    if tls && raw.ca_file.is_none() {
+        return Err(invalid(
+            "mqtt.ca_file",
+            "mqtts needs the CA that signed the broker's certificate",
+            "set ca_file to a PEM file with that CA",
+        ));
+    }
+    if !tls && raw.ca_file.is_some() {
+        return Err(invalid(
+            "mqtt.ca_file",
+            "is only used with mqtts://",
+            "remove it or use an mqtts:// URL",
+        ));
+    }
+    if raw.password_file.is_some() && raw.username.is_none() {
+        return Err(invalid("mqtt.password_file", "is set without a username", "set mqtt.username too"));
+    }
+    if let Some(id) = &raw.client_id {
+        let ok = !id.is_empty()
+            && id.len() <= MAX_MQTT_CLIENT_ID
+            && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'));
+        if !ok {
             return Err(invalid(
-                "mqtt.ca_file",
-                "mqtts needs the CA that signed the broker's certificate",
-                "set ca_file to a PEM file with that CA",
+                "mqtt.client_id",
+                format!("{id:?} is not a client id every broker takes"),
+                format!("use 1-{MAX_MQTT_CLIENT_ID} of A-Z a-z 0-9 - _ . : (one per bay: a second client with the same id takes the session over), or leave it out for capture-kiosk-{{bay_id}}"),
             ));
         }
-        if !tls && self.ca_file.is_some() {
+    }
+    match (&raw.client_cert_file, &raw.client_key_file) {
+        (Some(_), None) => {
             return Err(invalid(
-                "mqtt.ca_file",
+                "mqtt.client_key_file",
+                "is missing while client_cert_file is set",
+                "set it to the PEM private key of the client certificate",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(invalid(
+                "mqtt.client_cert_file",
+                "is missing while client_key_file is set",
+                "set it to the PEM client certificate that goes with the key",
+            ))
+        }
+        (Some(_), Some(_)) if !tls => {
+            return Err(invalid(
+                "mqtt.client_cert_file",
                 "is only used with mqtts://",
                 "remove it or use an mqtts:// URL",
-            ));
+            ))
         }
-        if self.password_file.is_some() && self.username.is_none() {
-            return Err(invalid("mqtt.password_file", "is set without a username", "set mqtt.username too"));
-        }
-        if let Some(id) = &self.client_id {
-            let ok = !id.is_empty()
-                && id.len() <= MAX_MQTT_CLIENT_ID
-                && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'));
-            if !ok {
-                return Err(invalid(
-                    "mqtt.client_id",
-                    format!("{id:?} is not a client id every broker takes"),
-                    format!("use 1-{MAX_MQTT_CLIENT_ID} of A-Z a-z 0-9 - _ . : (one per bay: a second client with the same id takes the session over), or leave it out for capture-kiosk-{{bay_id}}"),
-                ));
-            }
-        }
-        match (&self.client_cert_file, &self.client_key_file) {
-            (Some(_), None) => {
-                return Err(invalid(
-                    "mqtt.client_key_file",
-                    "is missing while client_cert_file is set",
-                    "set it to the PEM private key of the client certificate",
-                ))
-            }
-            (None, Some(_)) => {
-                return Err(invalid(
-                    "mqtt.client_cert_file",
-                    "is missing while client_key_file is set",
-                    "set it to the PEM client certificate that goes with the key",
-                ))
-            }
-            (Some(_), Some(_)) if !tls => {
-                return Err(invalid(
-                    "mqtt.client_cert_file",
-                    "is only used with mqtts://",
-                    "remove it or use an mqtts:// URL",
-                ))
-            }
-            _ => {}
-        }
-        let heartbeat = duration("mqtt.heartbeat", &self.heartbeat)?;
-        if heartbeat < Duration::from_secs(1) || heartbeat > Duration::from_secs(3600) {
-            return Err(invalid(
-                "mqtt.heartbeat",
-                format!("{:?} is out of range", self.heartbeat),
-                "use 1s to 1h",
-            ));
-        }
-        Ok(MqttConfig {
-            tls,
-            host: host.to_owned(),
-            port,
-            topic_prefix: prefix,
-            username: self.username,
-            password_file: self.password_file,
-            ca_file: self.ca_file,
-            client_id: self.client_id,
-            client_cert_file: self.client_cert_file,
-            client_key_file: self.client_key_file,
-            heartbeat,
-            home_assistant: self.home_assistant,
-            discovery_prefix,
-        })
+        _ => {}
     }
+    let heartbeat = setting::duration_in_range(
+        "mqtt.heartbeat",
+        &raw.heartbeat,
+        Duration::from_secs(1),
+        Duration::from_secs(3600),
+        "use 1s to 1h",
+    )?;
+    Ok(MqttConfig {
+        tls,
+        host: host.to_owned(),
+        port,
+        topic_prefix: prefix,
+        username: raw.username,
+        password_file: raw.password_file,
+        ca_file: raw.ca_file,
+        client_id: raw.client_id,
+        client_cert_file: raw.client_cert_file,
+        client_key_file: raw.client_key_file,
+        heartbeat,
+        home_assistant: raw.home_assistant,
+        discovery_prefix,
+    })
 }
 
 /// A topic prefix: levels separated by `/`, without wildcards or empty levels.
@@ -1254,6 +819,7 @@ fn first_duplicate(labels: &[PhotoLabel]) -> Option<PhotoLabel> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::imaging::{Fill, QualityThresholds};
 
     const GOOD: &str = r#"
 bay_id = "bay-07"
@@ -1675,6 +1241,40 @@ angles = ["Rear", "Rear_Left", "Rear_Right", "VIN"]
             &["not below max_mean_luma"],
         );
         check_refused(&with("quality = { sharpness = 1 }"), None, &["unknown field", "sharpness"]);
+    }
+
+    #[test]
+    fn a_camera_file_that_cannot_be_used_is_refused_by_its_camera_and_key() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let creds = tmp.path().join("rear.cred");
+        std::fs::write(&creds, "admin:pa55-word\n").unwrap();
+        std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let rear = "source = \"http://10.0.0.5/snapshot.jpg\"";
+        let text = GOOD
+            .replace("/var/lib/capture-kiosk", &tmp.path().join("state").display().to_string())
+            .replace(rear, &format!("{rear}\ncredentials_file = \"{}\"", creds.display()));
+        let path = tmp.path().join("bay.toml");
+        std::fs::write(&path, &text).unwrap();
+        let err = load(&path).unwrap_err();
+        assert_eq!(err.key(), Some("cameras[2].credentials_file"), "{err}");
+        let shown = err.to_string();
+        assert!(shown.contains("rear.cred") && shown.contains("chmod 600"), "{shown}");
+        assert!(!shown.contains("pa55-word"), "{shown}");
+
+        std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::write(&creds, "admin-without-password\n").unwrap();
+        let err = load(&path).unwrap_err();
+        assert_eq!(err.key(), Some("cameras[2].credentials_file"), "{err}");
+        assert!(err.to_string().contains("user:password"), "{err}");
+        std::fs::write(&creds, "admin:pa55-word\n").unwrap();
+        load(&path).unwrap();
+
+        let https = text.replace("http://10.0.0.5", "https://10.0.0.5") + "ca_file = \"/nowhere/ca.pem\"\n";
+        std::fs::write(&path, https).unwrap();
+        let err = load(&path).unwrap_err();
+        assert_eq!(err.key(), Some("cameras[2].ca_file"), "{err}");
+        assert!(err.to_string().contains("/nowhere/ca.pem") && err.to_string().contains("PEM"), "{err}");
     }
 
     #[test]

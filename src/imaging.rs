@@ -336,8 +336,8 @@ fn decode_eighths(raw: &[u8], eighths: u8) -> Result<(Decoded, FrameHeader), Fra
             FrameHeader { width: p.stored_width, height: p.stored_height },
         )),
         Err(libjpeg::DecodeFailure::Refused(e)) => Err(e),
-        Err(libjpeg::DecodeFailure::Failed(reason)) => {
-            Err(FrameError::Undecodable { bytes: raw.len(), reason })
+        Err(libjpeg::DecodeFailure::Failed(e)) => {
+            Err(FrameError::Undecodable { bytes: raw.len(), reason: e.to_string() })
         }
     }
 }
@@ -453,7 +453,11 @@ pub fn encode(img: &RgbImage, quality: u8) -> Result<Vec<u8>, FrameError> {
             reason: "JPEG allows 1 to 65535 pixels a side".into(),
         });
     }
-    libjpeg::encode(img, quality).map_err(|reason| FrameError::EncodeFailed { width, height, reason })
+    libjpeg::encode(img, quality).map_err(|e| FrameError::EncodeFailed {
+        width,
+        height,
+        reason: e.to_string(),
+    })
 }
 
 /// Encodes, as a camera's own encoder does (baseline, 4:2:0, the standard Huffman tables), an
@@ -479,7 +483,7 @@ pub fn encode_bands(
         });
     }
     libjpeg::encode_bands(width, height, quality, BAND_ROWS, &mut fill)
-        .map_err(|reason| FrameError::EncodeFailed { width, height, reason })
+        .map_err(|e| FrameError::EncodeFailed { width, height, reason: e.to_string() })
 }
 
 /// `process_for` with the default quality thresholds and no masks.

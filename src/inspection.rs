@@ -332,12 +332,12 @@ pub fn run(
             }
             if let Some((camera, reason)) = offline.iter().find(|(c, _)| *c == station.camera_id) {
                 let reason = format!("camera {camera} is offline: {reason}");
-                log::warn!(inspection_id = inspection_id.0, camera = camera.as_str(); "Camera offline, its angles fail: {reason}");
+                log::warn!(inspection_id = inspection_id.0, camera = camera.as_str(), reason = reason.as_str(); "Camera offline, its angles fail");
                 for angle in angles {
                     if let Err(e) =
                         lock(store).record_angle_failure(inspection_id, angle, &reason, clock.wall())
                     {
-                        log::error!(inspection_id = inspection_id.0, angle = angle.as_str(); "Angle failure not recorded: {e}");
+                        log::error!(inspection_id = inspection_id.0, angle = angle.as_str(), error:% = e; "Angle failure not recorded");
                     }
                     let _ = tx.send((
                         Progress::Failed { angle, camera: camera.clone(), reason: reason.clone() },
@@ -472,7 +472,7 @@ impl Job<'_> {
                         &last_reason,
                         self.clock.monotonic(),
                     );
-                    log::warn!(inspection_id = self.inspection_id.0, camera = camera.as_str(), angle = angle.as_str(), attempt = attempt; "Camera gave no frame: {last_reason}");
+                    log::warn!(inspection_id = self.inspection_id.0, camera = camera.as_str(), angle = angle.as_str(), attempt = attempt, reason = last_reason.as_str(); "Camera gave no frame");
                     if e.is_retryable() {
                         continue;
                     }
@@ -495,7 +495,7 @@ impl Job<'_> {
                         &e.to_string(),
                         self.clock.monotonic(),
                     );
-                    log::warn!(inspection_id = self.inspection_id.0, camera = camera.as_str(), angle = angle.as_str(), attempt = attempt; "Frame refused: {e}");
+                    log::warn!(inspection_id = self.inspection_id.0, camera = camera.as_str(), angle = angle.as_str(), attempt = attempt, reason:% = e; "Frame refused");
                     if e.is_retryable() {
                         continue;
                     }
@@ -527,7 +527,7 @@ impl Job<'_> {
             poor_frames += 1;
             let why = frame.processed.quality.reason().unwrap_or_default();
             last_reason = format!("poor frame from camera {camera}: {why}");
-            log::info!(inspection_id = self.inspection_id.0, camera = camera.as_str(), angle = angle.as_str(), attempt = attempt; "Frame below the quality thresholds: {why}");
+            log::info!(inspection_id = self.inspection_id.0, camera = camera.as_str(), angle = angle.as_str(), attempt = attempt, reason = why.as_str(); "Frame below the quality thresholds");
             let shortfall = frame.processed.quality.shortfall();
             if best.as_ref().is_none_or(|b| shortfall < b.processed.quality.shortfall()) {
                 best = Some(frame);
@@ -536,7 +536,7 @@ impl Job<'_> {
         if let (Some(frame), false) = (best, buffer_refused) {
             let why = frame.processed.quality.reason().unwrap_or_default();
             let reason = format!("{why}; the best of {poor_frames} capture(s), none passed the quality gate");
-            log::warn!(inspection_id = self.inspection_id.0, camera = camera.as_str(), angle = angle.as_str(); "Image stored below the quality thresholds: {reason}");
+            log::warn!(inspection_id = self.inspection_id.0, camera = camera.as_str(), angle = angle.as_str(), reason = reason.as_str(); "Image stored below the quality thresholds");
             match self.store(&camera, angle, &frame, Some(reason), report) {
                 Ok(()) => return,
                 Err(e) => last_reason = e,
@@ -545,9 +545,9 @@ impl Job<'_> {
         if let Err(e) =
             lock(self.store).record_angle_failure(self.inspection_id, angle, &last_reason, self.clock.wall())
         {
-            log::error!(inspection_id = self.inspection_id.0, angle = angle.as_str(); "Angle failure not recorded: {e}");
+            log::error!(inspection_id = self.inspection_id.0, angle = angle.as_str(), error:% = e; "Angle failure not recorded");
         }
-        log::warn!(inspection_id = self.inspection_id.0, camera = camera.as_str(), angle = angle.as_str(); "Angle failed: {last_reason}");
+        log::warn!(inspection_id = self.inspection_id.0, camera = camera.as_str(), angle = angle.as_str(), reason = last_reason.as_str(); "Angle failed");
         report((Progress::Failed { angle, camera, reason: last_reason }, 0));
     }
 
@@ -596,7 +596,7 @@ impl Job<'_> {
             }
             Err(e) => {
                 // The buffer is full or failing: another frame will not fit better.
-                log::error!(inspection_id = self.inspection_id.0, angle = angle.as_str(); "Image not stored: {e}");
+                log::error!(inspection_id = self.inspection_id.0, angle = angle.as_str(), error:% = e; "Image not stored");
                 if matches!(e, StoreError::Full { .. } | StoreError::DiskFull { .. }) {
                     self.disk_full.store(true, Ordering::SeqCst);
                     Err(format!("not stored: the disk was full ({e})"))

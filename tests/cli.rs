@@ -97,6 +97,22 @@ fn check_accepts_the_shipped_example_and_names_the_key_of_a_mistake() {
 }
 
 #[test]
+fn every_command_that_reads_a_config_explains_it_and_defaults_to_the_installed_one() {
+    for command in ["check", "inspect", "upload", "queue", "cameras", "run"] {
+        let out = run(&[command, "--help"]);
+        assert!(out.status.success(), "{command}: {}", text(&out));
+        let help = text(&out);
+        let line = help.lines().find(|l| l.contains("--config")).unwrap_or_default();
+        assert!(
+            line.contains("--config <FILE>")
+                && line.contains("configuration file")
+                && line.contains("[default: /etc/capture-kiosk/bay.toml]"),
+            "{command}: {help}"
+        );
+    }
+}
+
+#[test]
 fn inspect_stores_every_angle_and_queue_shows_it() {
     let tmp = tempfile::tempdir().unwrap();
     let config = bay(tmp.path());

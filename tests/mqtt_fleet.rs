@@ -237,6 +237,8 @@ fn acl_broker(dir: &Path, extra_acl: &str, users: &[&str]) -> (u16, support::Mos
 fn bay_with_login(dir: &Path, bay_id: &str, port: u16, user: &str) -> std::path::PathBuf {
     let password = dir.join("mqtt-password");
     std::fs::write(&password, format!("pw-{user}\n")).unwrap();
+    // Owner-only, as every secret of the kiosk must be.
+    std::fs::set_permissions(&password, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     support::bay_config(
         dir,
         bay_id,

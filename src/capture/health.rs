@@ -142,9 +142,9 @@ impl Monitor {
             let was = e.status;
             e.status = Status::Online;
             if was == Status::Offline {
-                log::info!(camera = camera; "Camera {camera} is back online");
+                log::info!(camera = camera; "Camera is back online");
             } else {
-                log::info!(camera = camera; "Camera {camera} is online");
+                log::info!(camera = camera; "Camera is online");
             }
             inner.send(CameraEvent::Online { camera: camera.to_owned() });
         }
@@ -171,7 +171,7 @@ impl Monitor {
         e.reason = Some(reason.clone());
         if e.status != Status::Offline {
             e.status = Status::Offline;
-            log::warn!(camera = camera; "Camera {camera} is offline: {reason}");
+            log::warn!(camera = camera, reason = reason.as_str(); "Camera is offline");
             inner.send(CameraEvent::Offline { camera: camera.to_owned(), reason });
         }
     }

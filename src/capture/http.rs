@@ -5,19 +5,21 @@
 //! so that a capture costs one request, not two.
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::digest::Challenge;
-use super::{redact_url, Camera, CaptureError};
+use super::{redact_url, Camera, CameraFileError, CaptureError};
+use crate::credentials::{self, Secret};
 use crate::vehicle::PhotoLabel;
 
-/// A camera's user and password. The password never appears in `Debug` output or messages.
+/// A camera's user and password. The password is a [`Secret`]: it never appears in `Debug`
+/// output or messages.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Credentials {
     pub user: String,
-    password: String,
+    password: Secret,
     /// Where they came from, for messages.
     pub origin: String,
 }
@@ -30,72 +32,42 @@ impl std::fmt::Debug for Credentials {
 
 impl Credentials {
     pub fn new(user: &str, password: &str, origin: &str) -> Credentials {
-        Credentials { user: user.to_owned(), password: password.to_owned(), origin: origin.to_owned() }
+        Credentials { user: user.to_owned(), password: Secret::new(password), origin: origin.to_owned() }
     }
 
     /// The credentials of camera `id`: `file` when configured, else the systemd credential
     /// `camera-<id>` in `credentials_dir` (`$CREDENTIALS_DIRECTORY`) when it exists, else none.
-    /// The file holds one line `user:password` and must be readable by its owner only.
+    /// The file holds one line `user:password` and must be readable by its owner only
+    /// ([`crate::credentials`] reads it).
     pub fn load(
         id: &str,
         file: Option<&Path>,
         credentials_dir: Option<&Path>,
-    ) -> Result<Option<Credentials>, String> {
-        let path: PathBuf = match (file, credentials_dir) {
-            (Some(f), _) => f.to_owned(),
-            (None, Some(dir)) if dir.join(format!("camera-{id}")).is_file() => {
-                dir.join(format!("camera-{id}"))
-            }
-            _ => return Ok(None),
+    ) -> Result<Option<Credentials>, CameraFileError> {
+        let name = credentials::camera_credential_name(id);
+        let Some(secret) = credentials::load_optional_from(file, &name, credentials_dir)? else {
+            return Ok(None);
         };
-        let shown = path.display().to_string();
-        let meta = std::fs::metadata(&path).map_err(|e| {
-            format!("credentials file {shown} cannot be read: {e}; create it with one line user:password")
-        })?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            // A systemd credential directory is already private to the service.
-            let mode = meta.permissions().mode();
-            if file.is_some() && mode & 0o077 != 0 {
-                return Err(format!(
-                    "credentials file {shown} is readable by others (mode {:o}); run chmod 600 {shown}",
-                    mode & 0o777
-                ));
-            }
-        }
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| format!("credentials file {shown} cannot be read: {e}"))?;
-        let line = text.lines().next().unwrap_or("").trim_end_matches('\r');
+        // Where the secret was found, for messages: the file, else the systemd credential.
+        let path = match (file, credentials_dir) {
+            (Some(f), _) => f.to_owned(),
+            (None, Some(dir)) => dir.join(&name),
+            (None, None) => Path::new(&name).to_owned(),
+        };
+        let line = secret.expose().lines().next().unwrap_or("").trim_end_matches('\r');
         match line.split_once(':') {
             Some((user, password)) if !user.is_empty() && !password.is_empty() => {
-                Ok(Some(Credentials::new(user, password, &shown)))
+                Ok(Some(Credentials::new(user, password, &path.display().to_string())))
             }
-            _ => Err(format!(
-                "credentials file {shown} does not hold a line user:password; write it as admin:secret"
-            )),
+            _ => Err(CameraFileError::NotUserPassword { path }),
         }
     }
 }
 
 /// Reads PEM certificates that the camera's HTTPS certificate must chain to.
-pub fn load_ca_file(path: &Path) -> Result<Vec<ureq::tls::Certificate<'static>>, String> {
-    let pem = std::fs::read(path).map_err(|e| format!("CA file {} cannot be read: {e}", path.display()))?;
-    let certs: Vec<_> = ureq::tls::parse_pem(&pem)
-        .filter_map(|item| match item {
-            Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c)),
-            Ok(_) => None,
-            Err(e) => Some(Err(e)),
-        })
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("CA file {} is not valid PEM: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!(
-            "CA file {} holds no certificate; give the PEM file of the camera's CA",
-            path.display()
-        ));
-    }
-    Ok(certs)
+pub fn load_ca_file(path: &Path) -> Result<Vec<ureq::tls::Certificate<'static>>, CameraFileError> {
+    let certs = crate::trust::ca_certificates(path)?;
+    Ok(certs.iter().map(|der| ureq::tls::Certificate::from_der(der).to_owned()).collect())
 }
 
 enum Scheme {
@@ -166,13 +138,13 @@ impl HttpCamera {
             Scheme::Unknown => None,
             Scheme::Basic => Some(format!(
                 "Basic {}",
-                super::testcam::base64(format!("{}:{}", creds.user, creds.password).as_bytes())
+                super::testcam::base64(format!("{}:{}", creds.user, creds.password.expose()).as_bytes())
             )),
             Scheme::Digest { challenge, nc } => {
                 *nc += 1;
                 let uri = request_uri(&self.url);
                 let cnonce = format!("{:016x}", fastrand::u64(..));
-                Some(challenge.authorization(&creds.user, &creds.password, "GET", &uri, *nc, &cnonce))
+                Some(challenge.authorization(&creds.user, creds.password.expose(), "GET", &uri, *nc, &cnonce))
             }
         }
     }
@@ -307,17 +279,21 @@ mod tests {
         let file = dir.path().join("cam");
         std::fs::write(&file, "admin:s3cret-pw\n").unwrap();
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let err = Credentials::load("front", Some(&file), None).unwrap_err();
-        assert!(err.contains("chmod 600") && !err.contains("s3cret"), "{err}");
+        let err = Credentials::load("front", Some(&file), None).unwrap_err().to_string();
+        assert!(err.contains("chmod 600") && err.contains("cam") && !err.contains("s3cret"), "{err}");
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
         let c = Credentials::load("front", Some(&file), None).unwrap().unwrap();
-        assert_eq!(c.user, "admin");
+        assert_eq!((c.user.as_str(), c.password.expose()), ("admin", "s3cret-pw"));
         assert!(!format!("{c:?}").contains("s3cret"));
         std::fs::write(&file, "no-colon\n").unwrap();
-        assert!(Credentials::load("front", Some(&file), None).unwrap_err().contains("user:password"));
+        let err = Credentials::load("front", Some(&file), None).unwrap_err();
+        assert_eq!(err.key(), "credentials_file");
+        assert!(err.to_string().contains("user:password"), "{err}");
         // The systemd credential is found by the camera's id, and its absence is no error.
-        std::fs::write(dir.path().join("camera-rear"), "op:pw").unwrap();
-        assert_eq!(Credentials::load("rear", None, Some(dir.path())).unwrap().unwrap().user, "op");
+        std::fs::write(dir.path().join("camera-rear"), "op:pw:with:colons").unwrap();
+        let c = Credentials::load("rear", None, Some(dir.path())).unwrap().unwrap();
+        assert_eq!((c.user.as_str(), c.password.expose()), ("op", "pw:with:colons"));
+        assert!(c.origin.ends_with("camera-rear"), "{c:?}");
         assert_eq!(Credentials::load("side", None, Some(dir.path())).unwrap(), None);
     }
 }

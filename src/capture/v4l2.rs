@@ -19,7 +19,7 @@ use nokhwa::utils::{
 };
 
 use super::{Camera, CaptureError, PixelFormat};
-use crate::imaging;
+use crate::imaging::{self, FrameError};
 use crate::vehicle::PhotoLabel;
 
 /// Quality used when a camera without MJPEG delivers raw frames that must become JPEG.
@@ -54,9 +54,44 @@ impl std::fmt::Display for VideoMode {
     }
 }
 
+/// Why the device thread could not answer a request, or the devices could not be listed. The
+/// messages are the device layer's own words or ours; [`V4l2Camera`] reports them as
+/// [`CaptureError::NoDevice`], after which the device is opened anew at the next request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceError {
+    /// The device path does not lead to a device node (a udev link that is gone while the camera
+    /// is unplugged). A retry helps once it is plugged in.
+    #[error("{reason}")]
+    Unresolved { reason: String },
+    /// The path leads to something that is not a `/dev/videoN` node. Not retryable: the
+    /// configured `source` must change.
+    #[error("{path} is not a /dev/videoN device")]
+    NotVideoDevice { path: String },
+    /// nokhwa (the V4L2 layer) failed to open, query, start or read the device, in its own
+    /// words. A retry helps when the camera was unplugged, busy or slow to start.
+    #[error("{0}")]
+    Device(String),
+    /// No mode of the device fits the configured `resolution` and `format`. Not retryable: the
+    /// configuration must name a mode the device offers.
+    #[error("the device offers no mode that fits (resolution {resolution:?}, format {format:?}); it offers: {offered}")]
+    NoFittingMode { resolution: Option<(u32, u32)>, format: Option<PixelFormat>, offered: String },
+    /// The stream gave nothing, or a raw frame of the wrong size. A retry can help.
+    #[error("{0}")]
+    BadFrame(&'static str),
+    /// A raw frame could not be encoded to JPEG. A retry can help.
+    #[error(transparent)]
+    Encode(#[from] FrameError),
+}
+
+impl DeviceError {
+    fn device(e: nokhwa::NokhwaError) -> DeviceError {
+        DeviceError::Device(e.to_string())
+    }
+}
+
 /// The V4L2 devices the system offers, with their modes; empty when there are none.
-pub fn list_devices() -> Result<Vec<VideoDevice>, String> {
-    let found = nokhwa::query(ApiBackend::Auto).map_err(|e| e.to_string())?;
+pub fn list_devices() -> Result<Vec<VideoDevice>, DeviceError> {
+    let found = nokhwa::query(ApiBackend::Auto).map_err(DeviceError::device)?;
     Ok(found
         .into_iter()
         .map(|info| {
@@ -115,7 +150,7 @@ enum Ask {
     Probe,
 }
 
-type Reply = mpsc::Sender<Result<Vec<u8>, String>>;
+type Reply = mpsc::Sender<Result<Vec<u8>, DeviceError>>;
 
 pub struct V4l2Camera {
     id: String,
@@ -134,10 +169,10 @@ impl V4l2Camera {
                 let device = device.to_owned();
                 move || Device { path: device, options, camera: None }.serve(inbox)
             })
-            .map_err(|e| CaptureError::NoDevice {
+            .map_err(|e| CaptureError::Thread {
                 camera: id.to_owned(),
                 device: device.to_owned(),
-                reason: format!("no thread for the device: {e}"),
+                reason: e.to_string(),
             })?;
         Ok(V4l2Camera { id: id.to_owned(), device: device.to_owned(), timeout: options.timeout, requests })
     }
@@ -153,7 +188,7 @@ impl V4l2Camera {
             .map_err(|_| self.no_device("the device thread has stopped".to_owned()))?;
         match answer.recv_timeout(self.timeout + OPEN_ALLOWANCE) {
             Ok(Ok(frame)) => Ok(frame),
-            Ok(Err(reason)) => Err(self.no_device(reason)),
+            Ok(Err(e)) => Err(self.no_device(e.to_string())),
             Err(_) => Err(CaptureError::Unreachable {
                 camera: self.id.clone(),
                 source_desc: format!("v4l2:{}", self.device),
@@ -181,17 +216,18 @@ impl Camera for V4l2Camera {
 }
 
 /// `/dev/video3`, `3`, or a udev symlink to a `/dev/videoN` node.
-fn device_index(device: &str) -> Result<u32, String> {
+fn device_index(device: &str) -> Result<u32, DeviceError> {
     if let Ok(n) = device.parse::<u32>() {
         return Ok(n);
     }
-    let resolved = std::fs::canonicalize(device).map_err(|e| format!("{e}"))?;
+    let resolved =
+        std::fs::canonicalize(device).map_err(|e| DeviceError::Unresolved { reason: e.to_string() })?;
     resolved
         .file_name()
         .and_then(|n| n.to_str())
         .and_then(|n| n.strip_prefix("video"))
         .and_then(|n| n.parse::<u32>().ok())
-        .ok_or_else(|| format!("{} is not a /dev/videoN device", resolved.display()))
+        .ok_or_else(|| DeviceError::NotVideoDevice { path: resolved.display().to_string() })
 }
 
 /// The device thread's state.
@@ -243,45 +279,45 @@ impl Device {
         }
     }
 
-    fn answer(&mut self, ask: Ask) -> Result<Vec<u8>, String> {
-        if self.camera.is_none() {
-            self.camera = Some(self.open()?);
-        }
-        let camera = self.camera.as_mut().ok_or("the device is not open")?;
+    fn answer(&mut self, ask: Ask) -> Result<Vec<u8>, DeviceError> {
+        let camera = match self.camera.take() {
+            Some(open) => open,
+            None => self.open()?,
+        };
+        let camera = self.camera.insert(camera);
         match ask {
             Ask::Probe if !self.options.keep_warm => Ok(Vec::new()),
             Ask::Probe => {
-                camera.frame_raw().map_err(|e| e.to_string())?;
+                camera.frame_raw().map_err(DeviceError::device)?;
                 Ok(Vec::new())
             }
             Ask::Frame => grab(camera),
         }
     }
 
-    fn open(&self) -> Result<nokhwa::Camera, String> {
+    fn open(&self) -> Result<nokhwa::Camera, DeviceError> {
         let index = device_index(&self.path)?;
         let mut camera =
-            nokhwa::Camera::new(CameraIndex::Index(index), any_format()).map_err(|e| e.to_string())?;
+            nokhwa::Camera::new(CameraIndex::Index(index), any_format()).map_err(DeviceError::device)?;
         let modes: Vec<VideoMode> = camera
             .compatible_camera_formats()
-            .map_err(|e| e.to_string())?
+            .map_err(DeviceError::device)?
             .iter()
             .filter_map(mode_of)
             .collect();
         let mode = choose_mode(&modes, self.options.resolution, self.options.format).ok_or_else(|| {
-            format!(
-                "the device offers no mode that fits (resolution {:?}, format {:?}); it offers: {}",
-                self.options.resolution,
-                self.options.format,
-                modes.iter().map(|m| m.to_string()).collect::<Vec<_>>().join(", ")
-            )
+            DeviceError::NoFittingMode {
+                resolution: self.options.resolution,
+                format: self.options.format,
+                offered: modes.iter().map(|m| m.to_string()).collect::<Vec<_>>().join(", "),
+            }
         })?;
         let wanted = camera_format(mode);
         let formats = [wanted.format()];
         camera
             .set_camera_requset(RequestedFormat::with_formats(RequestedFormatType::Exact(wanted), &formats))
-            .map_err(|e| e.to_string())?;
-        camera.open_stream().map_err(|e| e.to_string())?;
+            .map_err(DeviceError::device)?;
+        camera.open_stream().map_err(DeviceError::device)?;
         Ok(camera)
     }
 }
@@ -289,26 +325,26 @@ impl Device {
 /// The next frame that arrives after now: with a running stream, frames the driver had already
 /// queued come back at once and are dropped; the first one that had to be waited for was
 /// exposed after the trigger.
-fn grab(camera: &mut nokhwa::Camera) -> Result<Vec<u8>, String> {
+fn grab(camera: &mut nokhwa::Camera) -> Result<Vec<u8>, DeviceError> {
     let interval = Duration::from_secs(1) / camera.frame_rate().max(1);
     let mut frame = None;
     // At most the driver's queue plus one: a frame that had to be waited for ends the loop.
     for _ in 0..8 {
         let asked = Instant::now();
-        frame = Some(camera.frame().map_err(|e| e.to_string())?);
+        frame = Some(camera.frame().map_err(DeviceError::device)?);
         if asked.elapsed() >= interval / 4 {
             break;
         }
     }
-    let frame = frame.ok_or("the device gave no frame")?;
+    let frame = frame.ok_or(DeviceError::BadFrame("the device gave no frame"))?;
     if frame.source_frame_format() == FrameFormat::MJPEG {
         return Ok(frame.buffer().to_vec());
     }
-    let decoded = frame.decode_image::<RgbFormat>().map_err(|e| e.to_string())?;
+    let decoded = frame.decode_image::<RgbFormat>().map_err(DeviceError::device)?;
     let (w, h) = (decoded.width(), decoded.height());
     let rgb = image::RgbImage::from_raw(w, h, decoded.into_raw())
-        .ok_or_else(|| "the camera's raw frame has the wrong size".to_owned())?;
-    imaging::encode(&rgb, RAW_FRAME_QUALITY).map_err(|e| e.to_string())
+        .ok_or(DeviceError::BadFrame("the camera's raw frame has the wrong size"))?;
+    Ok(imaging::encode(&rgb, RAW_FRAME_QUALITY)?)
 }
 
 fn any_format() -> RequestedFormat<'static> {

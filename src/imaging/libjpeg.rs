@@ -42,12 +42,37 @@ pub(super) struct Pixels {
     pub orientation: Orientation,
 }
 
-/// What went wrong in a decode, in libjpeg's words or ours.
+/// Why a call into libjpeg failed. `imaging` turns it into a [`super::FrameError`]
+/// (`Undecodable` or `EncodeFailed`) with this as the reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(super) enum CodecError {
+    /// libjpeg stopped with an error, or warned that it painted over garbled data, in its own
+    /// words. Decoding the same bytes again fails the same way; a new frame from the camera
+    /// usually decodes.
+    #[error("{0}")]
+    Library(String),
+    /// The mozjpeg wrapper refused a call (its own checks around libjpeg's), in its words.
+    /// Not retryable with the same input.
+    #[error("{0}")]
+    Wrapper(String),
+    /// The decoder returned fewer samples than the picture's size needs. Not retryable with
+    /// the same input.
+    #[error("the decoder returned too few pixels for {width}x{height}")]
+    ShortOutput { width: usize, height: usize },
+}
+
+impl From<std::io::Error> for CodecError {
+    fn from(e: std::io::Error) -> CodecError {
+        CodecError::Wrapper(e.to_string())
+    }
+}
+
+/// What went wrong in a decode.
 pub(super) enum DecodeFailure {
     /// The header's size fails `check`; nothing was decoded.
     Refused(super::FrameError),
     /// libjpeg failed, or warned that it painted over garbled data.
-    Failed(String),
+    Failed(CodecError),
 }
 
 /// Decodes `raw` to RGB at `eighths`/8 of its stored size (1..=8; libjpeg rounds each side up),
@@ -59,7 +84,7 @@ pub(super) fn decode(
     check: impl FnOnce(u32, u32) -> Result<(), super::FrameError>,
 ) -> Result<Pixels, DecodeFailure> {
     let run = || -> Result<Pixels, DecodeFailure> {
-        let failed = |e: std::io::Error| DecodeFailure::Failed(e.to_string());
+        let failed = |e: std::io::Error| DecodeFailure::Failed(e.into());
         let mut header = Decompress::with_err(error_manager())
             .with_markers(&[Marker::APP(1)])
             .from_mem(raw)
@@ -85,26 +110,24 @@ pub(super) fn decode(
             .ok()
             .zip(u32::try_from(height).ok())
             .and_then(|(w, h)| RgbImage::from_raw(w, h, rgb))
-            .ok_or_else(|| {
-                DecodeFailure::Failed(format!("the decoder returned too few pixels for {width}x{height}"))
-            })?;
+            .ok_or(DecodeFailure::Failed(CodecError::ShortOutput { width, height }))?;
         Ok(Pixels { image, stored_width, stored_height, orientation })
     };
-    guarded(run).unwrap_or_else(|text| Err(DecodeFailure::Failed(text)))
+    guarded(run).unwrap_or_else(|e| Err(DecodeFailure::Failed(e)))
 }
 
 /// Encodes RGB pixels as a baseline JPEG with Huffman tables made for the image, 4:2:0 chroma
 /// and a JFIF header only.
-pub(super) fn encode(image: &RgbImage, quality: u8) -> Result<Vec<u8>, String> {
-    let run = || -> Result<Vec<u8>, String> {
+pub(super) fn encode(image: &RgbImage, quality: u8) -> Result<Vec<u8>, CodecError> {
+    let run = || -> Result<Vec<u8>, CodecError> {
         let mut compress = Compress::new_err(Box::new(error_manager()), ColorSpace::JCS_RGB);
         compress.set_fastest_defaults();
         compress.set_size(image.width() as usize, image.height() as usize);
         compress.set_quality(f32::from(quality));
         compress.set_optimize_coding(true);
-        let mut started = compress.start_compress(Vec::new()).map_err(|e| e.to_string())?;
-        started.write_scanlines(image.as_raw()).map_err(|e| e.to_string())?;
-        started.finish().map_err(|e| e.to_string())
+        let mut started = compress.start_compress(Vec::new())?;
+        started.write_scanlines(image.as_raw())?;
+        Ok(started.finish()?)
     };
     guarded(run).and_then(|result| result)
 }
@@ -119,14 +142,14 @@ pub(super) fn encode_bands(
     quality: u8,
     band_rows: u32,
     fill: &mut dyn FnMut(u32, &mut [u8]),
-) -> Result<Vec<u8>, String> {
-    let run = || -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, CodecError> {
+    let run = || -> Result<Vec<u8>, CodecError> {
         let mut compress = Compress::new_err(Box::new(error_manager()), ColorSpace::JCS_RGB);
         compress.set_fastest_defaults();
         compress.set_size(width as usize, height as usize);
         compress.set_quality(f32::from(quality));
         compress.set_optimize_coding(false);
-        let mut started = compress.start_compress(Vec::new()).map_err(|e| e.to_string())?;
+        let mut started = compress.start_compress(Vec::new())?;
         let row_bytes = width as usize * 3;
         let band_rows = band_rows.max(1);
         let mut band = vec![0u8; row_bytes * band_rows as usize];
@@ -135,17 +158,17 @@ pub(super) fn encode_bands(
             let rows = band_rows.min(height - first);
             let band = &mut band[..row_bytes * rows as usize];
             fill(first, band);
-            started.write_scanlines(band).map_err(|e| e.to_string())?;
+            started.write_scanlines(band)?;
             first += rows;
         }
-        started.finish().map_err(|e| e.to_string())
+        Ok(started.finish()?)
     };
     guarded(run).and_then(|result| result)
 }
 
 /// Runs `f`, which calls into libjpeg, turning an unwind out of it into its message.
-fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, String> {
-    panic::catch_unwind(AssertUnwindSafe(f)).map_err(unwind_text)
+fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, CodecError> {
+    panic::catch_unwind(AssertUnwindSafe(f)).map_err(|payload| CodecError::Library(unwind_text(payload)))
 }
 
 /// Adobe CMYK as stored in JPEG files is inverted (0 is full ink), so each channel times K is

@@ -139,10 +139,8 @@ pub enum LinkError {
     #[error("mqtt.ca_file {path}: {reason}; point it at the PEM file of the CA that signed the broker's certificate")]
     Ca { path: String, reason: String },
     /// The password file could not be read.
-    #[error(
-        "mqtt password {path}: {reason}; make it a file readable by the kiosk holding only the password"
-    )]
-    Password { path: String, reason: String },
+    #[error("mqtt password: {reason}")]
+    Password { reason: String },
     /// The client certificate or its key (`mqtt.client_cert_file`, `client_key_file`) could not
     /// be used. A retry after fixing the file helps.
     #[error("{key} {path}: {reason}; {fix}")]
@@ -202,7 +200,8 @@ impl Link {
         options.set_max_packet_size(MAX_INCOMING_PACKET, MAX_OUTGOING_PACKET);
         options.set_last_will(LastWill::new(topics.status(), "offline", QoS::AtLeastOnce, true));
         if let Some(user) = &config.username {
-            options.set_credentials(user.clone(), password(config)?.unwrap_or_default());
+            let password = password(config)?;
+            options.set_credentials(user.clone(), password.as_ref().map_or("", |p| p.expose()));
         }
         if config.tls {
             options.set_transport(Transport::tls_with_config(tls_config(config)?));
@@ -341,20 +340,14 @@ pub fn refusal_hint(reason: &str) -> Option<&'static str> {
     HINTS.iter().find(|(words, _)| reason.contains(words)).map(|(_, hint)| *hint)
 }
 
-fn password(config: &MqttConfig) -> Result<Option<String>, LinkError> {
-    let path = match &config.password_file {
-        Some(p) => p.clone(),
-        None => match std::env::var_os("CREDENTIALS_DIRECTORY") {
-            Some(dir) => std::path::PathBuf::from(dir).join("mqtt-password"),
-            None => return Ok(None),
-        },
-    };
-    if config.password_file.is_none() && !path.exists() {
-        return Ok(None);
-    }
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| LinkError::Password { path: path.display().to_string(), reason: e.to_string() })?;
-    Ok(Some(text.trim_end_matches(['\n', '\r']).to_owned()))
+/// The broker password: `mqtt.password_file` (owner-only), else systemd's credential
+/// `mqtt-password` when there is one; read through the kiosk's one loader of secrets.
+fn password(config: &MqttConfig) -> Result<Option<crate::credentials::Secret>, LinkError> {
+    crate::credentials::load_optional(
+        config.password_file.as_deref(),
+        crate::credentials::MQTT_PASSWORD_CREDENTIAL,
+    )
+    .map_err(|e| LinkError::Password { reason: e.to_string() })
 }
 
 fn tls_config(config: &MqttConfig) -> Result<TlsConfiguration, LinkError> {
@@ -421,8 +414,7 @@ fn client_identity(
         fix: "point it at the PEM private key of client_cert_file, owned by the kiosk's user, mode 600",
     };
     // The same owner-only rule and reading as the cloud's secret; the text stays redacted.
-    let text =
-        crate::upload::credentials::load_secret(Some(key), None).map_err(|e| key_err(e.to_string()))?;
+    let text = crate::credentials::load_file(key).map_err(|e| key_err(e.to_string()))?;
     let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(text.expose().as_bytes())
         .map_err(|e| key_err(format!("holds no usable private key ({e})")))?;
     Ok((chain, key))
@@ -469,6 +461,25 @@ mod tests {
         check("Connection refused, return code: `NotAuthorized`", Some("user name"));
         check("I/O: Connection refused (os error 111)", Some("nothing listens"));
         check("Network timeout", None);
+    }
+
+    #[test]
+    fn a_password_file_others_can_read_is_refused_with_the_fix() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("mqtt-password");
+        std::fs::write(&file, "pw\n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let mut config = MqttConfig::from_url("mqtt://127.0.0.1:1").unwrap();
+        config.username = Some("bay".into());
+        config.password_file = Some(file.clone());
+        let refused = Link::start(&config, "bay-07", Box::new(|_| {})).map(|_| ()).unwrap_err();
+        let text = refused.to_string();
+        assert!(matches!(refused, LinkError::Password { .. }), "{text}");
+        assert!(text.contains(&file.display().to_string()) && text.contains("chmod 600"), "{text}");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let link = Link::start(&config, "bay-07", Box::new(|_| {})).expect("an owner-only file is taken");
+        link.stop(Duration::from_millis(100));
     }
 
     #[test]

@@ -13,7 +13,6 @@
 //! `Debug` output: [`Tokens`] redacts itself, and errors carry the server's `message` only.
 
 use std::fmt;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,7 +23,8 @@ use super::credentials::Secret;
 use super::policy::{classify, judge_clock, ClockTrust, Verdict};
 use super::signing::sign;
 use crate::clock::Clock;
-use crate::config::{CloudConfig, CloudTrust};
+use crate::config::CloudConfig;
+use crate::trust::Roots;
 use crate::vehicle::PhotoLabel;
 
 /// The largest answer body read; the API's answers are small JSON documents.
@@ -137,93 +137,24 @@ struct Answer {
     body: Vec<u8>,
 }
 
-/// Why the roots the cloud's certificate is checked against could not be loaded. Retrying does
-/// not help: the configuration or the file must be fixed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum TrustError {
-    /// `ca_file` is missing or cannot be read.
-    #[error("CA file {path} cannot be read: {reason}; point cloud.ca_file at the PEM file of the private CA (or of the TLS-inspecting proxy)")]
-    CaFileUnreadable { path: PathBuf, reason: String },
-    /// `ca_file` is not PEM, or a certificate in it is damaged.
-    #[error("CA file {path} is not valid PEM: {reason}; give the CA certificates in PEM (-----BEGIN CERTIFICATE-----)")]
-    CaFileNotPem { path: PathBuf, reason: String },
-    /// `ca_file` holds no certificate (a key alone, or nothing).
-    #[error("CA file {path} holds no certificate; give the PEM file of the CA that signed the cloud's certificate")]
-    CaFileEmpty { path: PathBuf },
-    /// `trust = "system"` but the system's store gave nothing.
-    #[error("the system trust store holds no certificate ({reason}); install the ca-certificates package or set cloud.trust = \"bundled\"")]
-    SystemStoreEmpty { reason: String },
-}
-
-impl TrustError {
-    /// The configuration key at fault.
-    pub fn key(&self) -> &'static str {
-        match self {
-            TrustError::SystemStoreEmpty { .. } => "cloud.trust",
-            _ => "cloud.ca_file",
-        }
-    }
-}
+pub use crate::trust::TrustError;
 
 /// Loads every root the configuration names, to tell `check` (and the daemon at start) about a
 /// bad `ca_file` or an empty system store before any upload is tried. Returns how many roots
 /// the cloud's certificate may chain to (0 for the bundled set alone, which needs no loading).
 pub fn check_trust(config: &CloudConfig) -> Result<usize, TrustError> {
-    match roots(config)? {
-        ureq::tls::RootCerts::Specific(certs) => Ok(certs.len()),
-        _ => Ok(0),
-    }
+    crate::trust::check(config.trust, config.ca_file.as_deref())
 }
 
 /// The roots of the cloud agent: the bundled set alone is ureq's own default; anything else is
 /// one explicit list.
 fn roots(config: &CloudConfig) -> Result<ureq::tls::RootCerts, TrustError> {
-    if config.trust == CloudTrust::Bundled && config.ca_file.is_none() {
-        return Ok(ureq::tls::RootCerts::WebPki);
-    }
-    let mut certs: Vec<ureq::tls::Certificate<'static>> = Vec::new();
-    if matches!(config.trust, CloudTrust::Bundled | CloudTrust::Both) {
-        certs.extend(
-            webpki_root_certs::TLS_SERVER_ROOT_CERTS.iter().map(|der| ureq::tls::Certificate::from_der(der)),
-        );
-    }
-    if matches!(config.trust, CloudTrust::System | CloudTrust::Both) {
-        let found = rustls_native_certs::load_native_certs();
-        if found.certs.is_empty() {
-            let reason = found
-                .errors
-                .first()
-                .map(|e| e.to_string())
-                .unwrap_or_else(|| "no certificate found in the usual places".to_owned());
-            return Err(TrustError::SystemStoreEmpty { reason });
-        }
-        for e in &found.errors {
-            log::warn!(error = e.to_string().as_str(); "Part of the system trust store could not be read");
-        }
-        certs.extend(found.certs.iter().map(|der| ureq::tls::Certificate::from_der(der).to_owned()));
-    }
-    if let Some(path) = &config.ca_file {
-        certs.extend(ca_file(path)?);
-    }
-    Ok(ureq::tls::RootCerts::Specific(Arc::new(certs)))
-}
-
-/// The certificates of a PEM file (other PEM items, such as a key, are skipped).
-fn ca_file(path: &Path) -> Result<Vec<ureq::tls::Certificate<'static>>, TrustError> {
-    let pem = std::fs::read(path)
-        .map_err(|e| TrustError::CaFileUnreadable { path: path.to_owned(), reason: e.to_string() })?;
-    let certs: Vec<_> = ureq::tls::parse_pem(&pem)
-        .filter_map(|item| match item {
-            Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c)),
-            Ok(_) => None,
-            Err(e) => Some(Err(e)),
-        })
-        .collect::<Result<_, _>>()
-        .map_err(|e| TrustError::CaFileNotPem { path: path.to_owned(), reason: e.to_string() })?;
-    if certs.is_empty() {
-        return Err(TrustError::CaFileEmpty { path: path.to_owned() });
-    }
-    Ok(certs)
+    Ok(match crate::trust::roots(config.trust, config.ca_file.as_deref())? {
+        Roots::Bundled => ureq::tls::RootCerts::WebPki,
+        Roots::Specific(certs) => ureq::tls::RootCerts::Specific(Arc::new(
+            certs.iter().map(|der| ureq::tls::Certificate::from_der(der).to_owned()).collect(),
+        )),
+    })
 }
 
 impl Client {
@@ -504,7 +435,7 @@ impl Client {
                 match trust {
                     ClockTrust::Untrusted { skew_secs } => log::warn!(
                         skew_secs = skew_secs;
-                        "The kiosk's clock is {skew_secs} s away from the cloud's; nothing is signed until it is set right (check NTP: timedatectl status)"
+                        "The kiosk's clock is away from the cloud's; nothing is signed until it is set right (check NTP: timedatectl status)"
                     ),
                     ClockTrust::Trusted { skew_secs } => {
                         log::debug!(skew_secs = skew_secs; "Clock agrees with the cloud's")

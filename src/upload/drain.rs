@@ -7,15 +7,28 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::client::Client;
-use super::credentials::CredentialError;
 use super::uploader::{Event, Pump, Uploader};
 use crate::clock::Clock;
 use crate::config::CloudConfig;
+use crate::credentials::CredentialError;
 use crate::store::{InspectionId, Store};
+use crate::trust::TrustError;
+
+/// Why the uploader of a `[cloud]` section cannot be made. Not retryable: the secret or the
+/// roots must be fixed (`capture-kiosk check` names which).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SetupError {
+    /// The API secret cannot be loaded (`api_secret_file`, the systemd credential).
+    #[error(transparent)]
+    Credential(#[from] CredentialError),
+    /// The roots the cloud's certificate is checked against (`ca_file`, the system store).
+    #[error(transparent)]
+    Trust(#[from] TrustError),
+}
 
 /// Builds the uploader of a `[cloud]` section, loading the API secret and the roots its
 /// certificate is checked against.
-pub fn uploader(config: &CloudConfig, clock: Arc<dyn Clock>) -> Result<Uploader, CredentialError> {
+pub fn uploader(config: &CloudConfig, clock: Arc<dyn Clock>) -> Result<Uploader, SetupError> {
     let secret = config.secret()?;
     let client = Client::new(config, secret, clock.clone())?;
     Ok(Uploader::new(client, config, clock))
