@@ -106,6 +106,16 @@ pub enum Command {
         #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
         max_wait: Duration,
     },
+    /// Put an inspection that failed for good (or was cancelled) back in the upload queue, as
+    /// the MQTT `retry` command does: `upload` sends it now, a running daemon within a minute.
+    Retry {
+        /// The bay's configuration file (TOML, as in bay.example.toml).
+        #[arg(long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// The inspection's id, as `queue` lists it.
+        #[arg(long, value_name = "ID")]
+        inspection: i64,
+    },
     /// Show what is buffered, without writing anything (works on a full disk).
     Queue {
         /// The bay's configuration file (TOML, as in bay.example.toml).
@@ -187,6 +197,7 @@ pub fn run(cli: Cli) -> ExitCode {
             inspect(&config, &case_id, vin.as_deref(), angles.as_deref(), upload)
         }
         Command::Upload { config, max_wait } => upload(&config, max_wait),
+        Command::Retry { config, inspection } => retry(&config, InspectionId(inspection)),
         Command::Queue { config, json, history } => queue(&config, json, history),
         Command::Cameras { config, preview_dir } => cameras(&config, preview_dir),
         Command::Standin {
@@ -427,6 +438,61 @@ fn upload(path: &Path, max_wait: Duration) -> anyhow::Result<u8> {
     upload_until(&mut store, cloud, max_wait, None)
 }
 
+/// What `queue` shows as alerts: salvages not acknowledged, inspections failed for good.
+fn queue_alerts(
+    list: &[InspectionSummary],
+    recoveries: &[crate::store::RecoveryRecord],
+) -> Vec<crate::status::Alert> {
+    use crate::status::{Alert, AlertKind};
+    let mut alerts: Vec<Alert> = recoveries
+        .iter()
+        .filter(|r| !r.acknowledged())
+        .map(|r| Alert { kind: AlertKind::BufferRecovered, reason: r.summary() })
+        .collect();
+    let failed: Vec<String> =
+        list.iter().filter(|i| i.state == InspectionState::Failed).map(|i| i.id.0.to_string()).collect();
+    if !failed.is_empty() {
+        alerts.push(Alert {
+            kind: AlertKind::InspectionFailed,
+            reason: format!(
+                "{} inspection(s) failed for good ({}); see the note below for why, then `capture-kiosk retry --inspection ID`",
+                failed.len(),
+                failed.join(", ")
+            ),
+        });
+    }
+    alerts
+}
+
+/// An operator's retry: a failed or cancelled inspection goes back to the upload queue.
+fn retry(path: &Path, id: InspectionId) -> anyhow::Result<u8> {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let mut store = open_store(&config)?;
+    let case_id = store.inspection(id).ok().flatten().map(|i| i.case_id).unwrap_or_default();
+    match store.retry(id, SystemTime::now()) {
+        Ok(from) => {
+            println!(
+                "inspection {id} (case {case_id}) was {from}; it is queued for upload again: `capture-kiosk upload` sends it now, a running daemon within a minute"
+            );
+            Ok(EXIT_OK)
+        }
+        Err(StoreError::UnknownInspection { .. }) => {
+            eprintln!("there is no inspection {id} in the buffer; `capture-kiosk queue` lists them");
+            Ok(EXIT_USAGE)
+        }
+        Err(StoreError::IllegalTransition { from, .. }) => {
+            eprintln!(
+                "inspection {id} (case {case_id}) is {from}; only a failed or cancelled inspection can be retried"
+            );
+            Ok(EXIT_USAGE)
+        }
+        Err(e) => Err(anyhow::anyhow!(e).context(format!("inspection {id} could not be queued again"))),
+    }
+}
+
 /// Drains the queue and reports; with `focus`, the exit status is that inspection's fate.
 fn upload_until(
     store: &mut Store,
@@ -522,6 +588,8 @@ fn queue(path: &Path, json: bool, history: bool) -> anyhow::Result<u8> {
         oldest_created_at: None,
     });
     let now = SystemTime::now();
+    let oldest_pending = totals.oldest_created_at.map(|o| age(now, o));
+    let alerts = queue_alerts(&list, &recoveries);
     if json {
         let inspections: Vec<serde_json::Value> = list
             .iter()
@@ -538,7 +606,10 @@ fn queue(path: &Path, json: bool, history: bool) -> anyhow::Result<u8> {
             })
             .collect();
         let recoveries: Vec<serde_json::Value> = recoveries.iter().map(|r| r.to_json()).collect();
+        let alerts: Vec<serde_json::Value> =
+            alerts.iter().map(|a| serde_json::json!({"type": a.kind, "reason": a.reason})).collect();
         let out = serde_json::json!({ "bay_id": config.bay_id, "inspections": inspections, "totals": totals,
+            "oldest_pending_age_s": oldest_pending.map(|a| a.as_secs()), "alerts": alerts,
             "recoveries": recoveries });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(EXIT_OK);
@@ -546,6 +617,13 @@ fn queue(path: &Path, json: bool, history: bool) -> anyhow::Result<u8> {
     let open: Vec<_> = recoveries.into_iter().filter(|r| !r.acknowledged()).collect();
     if !open.is_empty() {
         print!("{}", recovery_banner(&open, path));
+    }
+    for alert in alerts.iter().filter(|a| a.kind != crate::status::AlertKind::BufferRecovered) {
+        println!("alert: {}", alert.reason);
+    }
+    match oldest_pending {
+        Some(a) => println!("oldest inspection not yet in the cloud: {} old", short_age(a)),
+        None => println!("every inspection in the buffer is in the cloud"),
     }
     println!(
         "{:>6}  {:<20} {:<10} {:>6} {:>10} {:>8} {:>8}  note",

@@ -98,7 +98,7 @@ fn check_accepts_the_shipped_example_and_names_the_key_of_a_mistake() {
 
 #[test]
 fn every_command_that_reads_a_config_explains_it_and_defaults_to_the_installed_one() {
-    for command in ["check", "inspect", "upload", "queue", "cameras", "run"] {
+    for command in ["check", "inspect", "upload", "retry", "queue", "cameras", "run"] {
         let out = run(&[command, "--help"]);
         assert!(out.status.success(), "{command}: {}", text(&out));
         let help = text(&out);
@@ -165,6 +165,55 @@ fn the_demo_runs_on_embedded_defaults() {
 }
 
 /// The JSON `queue --json` prints (it must succeed).
+#[test]
+fn retry_puts_a_failed_inspection_back_and_queue_shows_the_alert_and_the_oldest_pending_age() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = bay(tmp.path());
+    let config = config.to_str().unwrap();
+    let out = run(&["inspect", "--config", config, "--case-id", "CASE-200", "--no-upload"]);
+    assert!(out.status.success(), "{}", text(&out));
+    {
+        let caps = capture_kiosk::store::Caps { max_bytes: 1 << 30, min_free_disk: 0 };
+        let mut store = Store::open(&tmp.path().join("state"), caps, std::time::SystemTime::now()).unwrap();
+        store
+            .set_state(
+                InspectionId(1),
+                capture_kiosk::store::InspectionState::Failed,
+                Some("the cloud refused case CASE-200"),
+                std::time::SystemTime::now(),
+            )
+            .unwrap();
+    }
+    let q = queue_json(config);
+    assert!(q["oldest_pending_age_s"].is_u64(), "{q:#}");
+    assert_eq!(q["alerts"][0]["type"], "inspection_failed", "{q:#}");
+    let shown = text(&run(&["queue", "--config", config]));
+    assert!(shown.contains("alert: 1 inspection(s) failed for good (1)"), "{shown}");
+    assert!(shown.contains("oldest inspection not yet in the cloud"), "{shown}");
+
+    let out = run(&["retry", "--config", config, "--inspection", "1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("inspection 1 (case CASE-200) was failed; it is queued for upload again"),
+        "{}",
+        text(&out)
+    );
+    let q = queue_json(config);
+    assert_eq!(q["inspections"][0]["state"], "captured", "{q:#}");
+    assert_eq!(q["alerts"], serde_json::json!([]), "{q:#}");
+
+    let again = run(&["retry", "--config", config, "--inspection", "1"]);
+    assert_eq!(again.status.code(), Some(2), "{}", text(&again));
+    assert!(
+        text(&again).contains("only a failed or cancelled inspection can be retried"),
+        "{}",
+        text(&again)
+    );
+    let unknown = run(&["retry", "--config", config, "--inspection", "99"]);
+    assert_eq!(unknown.status.code(), Some(2), "{}", text(&unknown));
+    assert!(text(&unknown).contains("there is no inspection 99"), "{}", text(&unknown));
+}
+
 fn queue_json(config: &str) -> Value {
     let out = run(&["queue", "--config", config, "--json"]);
     assert!(out.status.success(), "queue: {}", text(&out));
