@@ -113,6 +113,30 @@ pub fn announcements(device: &Device) -> Vec<Announcement> {
     entities.iter().map(|e| e.announce(device)).collect()
 }
 
+/// The fields of `state` a value template reads: each `value_json.a.b` or `value_json.a['b']`
+/// as its path of keys. The tests hold every template to a real `state` with it.
+pub fn fields_read(template: &str) -> Vec<Vec<String>> {
+    let mut out = Vec::new();
+    for (at, _) in template.match_indices("value_json") {
+        let mut rest = &template[at + "value_json".len()..];
+        let mut path = Vec::new();
+        loop {
+            if let Some(r) = rest.strip_prefix('.') {
+                let end = r.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(r.len());
+                path.push(r[..end].to_owned());
+                rest = &r[end..];
+            } else if let Some((key, r)) = rest.strip_prefix("['").and_then(|r| r.split_once("']")) {
+                path.push(key.to_owned());
+                rest = r;
+            } else {
+                break;
+            }
+        }
+        out.push(path);
+    }
+    out
+}
+
 /// The empty retained configs that remove the entities of `cameras` (no longer configured).
 pub fn removals(device: &Device, cameras: &[String]) -> Vec<Announcement> {
     cameras
@@ -290,30 +314,6 @@ mod tests {
         serde_json::to_value(state).unwrap()
     }
 
-    /// The `value_json` paths a template reads (`a.b`, `a['b'].c`).
-    fn paths(template: &str) -> Vec<Vec<String>> {
-        let mut out = Vec::new();
-        for (at, _) in template.match_indices("value_json") {
-            let mut rest = &template[at + "value_json".len()..];
-            let mut path = Vec::new();
-            loop {
-                if let Some(r) = rest.strip_prefix('.') {
-                    let end = r.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(r.len());
-                    path.push(r[..end].to_owned());
-                    rest = &r[end..];
-                } else if let Some(r) = rest.strip_prefix("['") {
-                    let end = r.find("']").expect("a closed subscript");
-                    path.push(r[..end].to_owned());
-                    rest = &r[end + 2..];
-                } else {
-                    break;
-                }
-            }
-            out.push(path);
-        }
-        out
-    }
-
     /// Home Assistant's own keys for MQTT sensors and binary sensors (and their device and
     /// availability parts), as its documentation lists them.
     const HA_KEYS: &[&str] = &[
@@ -383,7 +383,7 @@ mod tests {
             assert_eq!(v["device"]["identifiers"][0], "capture-kiosk-bay-07");
             assert!(a.topic.starts_with("homeassistant/") && a.topic.ends_with("/config"), "{}", a.topic);
             let template = v["value_template"].as_str().unwrap();
-            let paths = paths(template);
+            let paths = fields_read(template);
             assert!(!paths.is_empty(), "{template}");
             for path in paths {
                 let mut at = &state;

@@ -5,12 +5,9 @@
 mod support;
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use capture_kiosk::clock::SystemClock;
-use capture_kiosk::daemon::{self, CaptureOnly, Daemon, Deps, Hooks, Notifier, Signal};
-use capture_kiosk::inspection::Rig;
+use capture_kiosk::daemon::{Daemon, Signal};
 use serde_json::Value;
 use support::{Probe, ProbeSeen};
 
@@ -30,17 +27,7 @@ fn config(dir: &Path, port: u16, cameras: &[&str]) -> String {
 }
 
 fn start(text: &str) -> Daemon {
-    let config = capture_kiosk::config::parse(text, "t").unwrap();
-    let deps = Deps {
-        clock: Arc::new(SystemClock::new()),
-        rig: Rig::open(&config).unwrap(),
-        upload: Box::new(CaptureOnly::default()),
-        notifier: Notifier::none(),
-        watchdog: None,
-        config_path: None,
-        hooks: Hooks::default(),
-    };
-    daemon::start(config, deps).unwrap()
+    support::capture_only_daemon(capture_kiosk::config::parse(text, "t").unwrap())
 }
 
 /// The retained messages a new subscriber to `homeassistant/#` gets, read for `wait`.
@@ -62,30 +49,6 @@ fn retained_configs(port: u16, name: &str, wait: Duration) -> Vec<(String, Vec<u
         .collect()
 }
 
-/// The `value_json` paths a template reads (`a.b`, `a['b'].c`).
-fn paths(template: &str) -> Vec<Vec<String>> {
-    let mut out = Vec::new();
-    for (at, _) in template.match_indices("value_json") {
-        let mut rest = &template[at + "value_json".len()..];
-        let mut path = Vec::new();
-        loop {
-            if let Some(r) = rest.strip_prefix('.') {
-                let end = r.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(r.len());
-                path.push(r[..end].to_owned());
-                rest = &r[end..];
-            } else if let Some(r) = rest.strip_prefix("['") {
-                let end = r.find("']").expect("a closed subscript");
-                path.push(r[..end].to_owned());
-                rest = &r[end + 2..];
-            } else {
-                break;
-            }
-        }
-        out.push(path);
-    }
-    out
-}
-
 #[test]
 fn the_bay_announces_entities_that_read_its_real_state_and_a_removed_camera_loses_its_own() {
     let dir = tempfile::tempdir().unwrap();
@@ -104,7 +67,7 @@ fn the_bay_announces_entities_that_read_its_real_state_and_a_removed_camera_lose
         assert_eq!(v["availability"][0]["topic"], "capture-kiosk/bay-h/status", "{topic}");
         assert_eq!(v["device"]["identifiers"][0], "capture-kiosk-bay-h", "{topic}");
         let template = v["value_template"].as_str().expect("a template");
-        for path in paths(template) {
+        for path in capture_kiosk::home_assistant::fields_read(template) {
             let mut at = &state;
             for part in &path {
                 at = at

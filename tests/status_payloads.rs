@@ -7,12 +7,9 @@ mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
-use capture_kiosk::clock::SystemClock;
-use capture_kiosk::daemon::{self, CaptureOnly, Deps, Hooks, Notifier, Signal};
-use capture_kiosk::inspection::Rig;
+use capture_kiosk::daemon::Signal;
 use capture_kiosk::status::{
     Ack, AckStatus, Alert, AlertKind, BufferStatus, CameraState, CameraStatus, CloudStatus, Event, EventKind,
     InspectionStatus, Lifecycle, Stage, State,
@@ -263,17 +260,7 @@ fn the_demo_and_the_daemon_publish_the_same_fields() {
 
     // The daemon: one inspection of two angles.
     let config_path = support::bay_config(dir.path(), "bay-d", &format!("url = \"mqtt://127.0.0.1:{port}\""));
-    let config = capture_kiosk::config::load(&config_path).unwrap();
-    let deps = Deps {
-        clock: Arc::new(SystemClock::new()),
-        rig: Rig::open(&config).unwrap(),
-        upload: Box::new(CaptureOnly::default()),
-        notifier: Notifier::none(),
-        watchdog: None,
-        config_path: None,
-        hooks: Hooks::default(),
-    };
-    let bay = daemon::start(config, deps).unwrap();
+    let bay = support::capture_only_daemon(capture_kiosk::config::load(&config_path).unwrap());
     probe.text_any("capture-kiosk/bay-d/status", "online");
     probe.publish("capture-kiosk/bay-d/cmd/start", r#"{"command_id": "s-1", "case_id": "CASE-1"}"#);
     probe.json("capture-kiosk/bay-d/events", |v| v["type"] == "inspection_captured");

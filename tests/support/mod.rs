@@ -494,6 +494,22 @@ impl Probe {
     }
 }
 
+/// Starts the daemon for `config` in this process: capture only (no upload leg), no systemd,
+/// the real clock.
+pub fn capture_only_daemon(config: capture_kiosk::config::Config) -> capture_kiosk::daemon::Daemon {
+    use capture_kiosk::daemon::{self, CaptureOnly, Deps, Hooks, Notifier};
+    let deps = Deps {
+        clock: std::sync::Arc::new(capture_kiosk::clock::SystemClock::new()),
+        rig: capture_kiosk::inspection::Rig::open(&config).unwrap(),
+        upload: Box::new(CaptureOnly::default()),
+        notifier: Notifier::none(),
+        watchdog: None,
+        config_path: None,
+        hooks: Hooks::default(),
+    };
+    daemon::start(config, deps).unwrap()
+}
+
 /// A bay's configuration file in `dir` (state under `dir/state`): one synthetic camera for
 /// Front and Rear, and `mqtt` as the body of its `[mqtt]` section.
 pub fn bay_config(dir: &Path, bay_id: &str, mqtt: &str) -> PathBuf {
