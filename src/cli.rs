@@ -449,8 +449,12 @@ fn queue_alerts(
         .filter(|r| !r.acknowledged())
         .map(|r| Alert { kind: AlertKind::BufferRecovered, reason: r.summary() })
         .collect();
-    let failed: Vec<String> =
-        list.iter().filter(|i| i.state == InspectionState::Failed).map(|i| i.id.0.to_string()).collect();
+    // One that holds no image (a capture cut short before its first frame) has nothing to send.
+    let failed: Vec<String> = list
+        .iter()
+        .filter(|i| i.state == InspectionState::Failed && i.images > 0)
+        .map(|i| i.id.0.to_string())
+        .collect();
     if !failed.is_empty() {
         alerts.push(Alert {
             kind: AlertKind::InspectionFailed,

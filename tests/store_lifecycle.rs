@@ -395,3 +395,30 @@ fn a_bay_whose_cloud_keeps_up_never_refuses_a_car_for_what_it_already_delivered(
     assert_eq!(bay.store().totals().unwrap().awaiting_upload, kept.len() as u64);
     assert_eq!(bay.store().check_integrity().unwrap(), Vec::<String>::new());
 }
+
+#[test]
+fn only_a_failed_inspection_that_holds_images_asks_an_operator_for_a_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = UNIX_EPOCH + Duration::from_secs(1_795_000_000);
+    let mut store = Store::open(dir.path(), CAPS, now).unwrap();
+    // Refused by the cloud: it holds images and waits for a retry.
+    let refused = captured(&mut store, "CASE-REFUSED", &[PhotoLabel::Front], 8, now);
+    store.set_state(refused, Failed, Some("the cloud refused it"), now).unwrap();
+    // Cut short before its first frame: nothing to send.
+    let case = CaseId::parse("CASE-EMPTY").unwrap();
+    let empty = store
+        .begin_inspection(
+            &capture_kiosk::store::NewInspection {
+                case_id: &case,
+                vehicle: None,
+                angles: &[PhotoLabel::Rear],
+                expected_image_bytes: 8 << 10,
+            },
+            now,
+        )
+        .unwrap();
+    store.set_state(empty, Failed, Some("the kiosk stopped during capture"), now).unwrap();
+    assert_eq!(store.observe().unwrap().failed, 1);
+    store.retry(refused, now).unwrap();
+    assert_eq!(store.observe().unwrap().failed, 0);
+}

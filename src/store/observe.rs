@@ -12,7 +12,9 @@ use super::{caps, state_totals, Caps, RecoveryRecord, Refusal, Store, StoreError
 pub struct BufferFacts {
     pub path: PathBuf,
     pub totals: Totals,
-    /// Inspections failed for good, waiting for an operator's `retry`.
+    /// Inspections failed for good that hold images, waiting for an operator's `retry` (one
+    /// that never stored an image, such as a capture cut short before its first frame, holds
+    /// nothing to send and asks nothing of anyone).
     pub failed: u64,
     /// What the kernel says is free on the state directory's file system.
     pub disk_free: u64,
@@ -57,8 +59,14 @@ impl Store {
         let err = |e| super::sqlite_error(&self.path, e);
         let totals = self.totals()?;
         let per_state = state_totals(&self.conn).map_err(err)?;
-        let count =
-            |state: &str| per_state.iter().find(|(s, _)| s == state).map_or(0, |(_, c)| c.inspections);
+        let failed: i64 = self
+            .conn
+            .prepare_cached(
+                "SELECT COUNT(*) FROM inspections i WHERE i.state = 'failed'
+                 AND EXISTS (SELECT 1 FROM images m WHERE m.inspection_id = i.id)",
+            )
+            .and_then(|mut stmt| stmt.query_row([], |r| r.get(0)))
+            .map_err(err)?;
         let buffered = per_state.iter().map(|(_, c)| c.bytes).sum();
         let reclaimable = per_state.iter().find(|(s, _)| s == "completed").map_or(0, |(_, c)| c.bytes);
         let disk_free = self.free_bytes()?;
@@ -68,7 +76,7 @@ impl Store {
         Ok(BufferFacts {
             path: self.path.clone(),
             totals,
-            failed: count("failed"),
+            failed: super::to_u64(failed),
             disk_free,
             usable: usable.saturating_sub(held_back),
             buffered,
