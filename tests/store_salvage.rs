@@ -565,7 +565,7 @@ impl Drop for Broker {
 #[test]
 fn the_daemon_announces_a_salvage_and_stays_in_alert_until_it_is_acknowledged() {
     let _serial = one_at_a_time();
-    use capture_kiosk::daemon::{self, CaptureOnly, Deps, Hooks, Notifier, Signal};
+    use capture_kiosk::daemon::Signal;
     use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 
     let broker = Broker::start();
@@ -616,17 +616,7 @@ fn the_daemon_announces_a_salvage_and_stays_in_alert_until_it_is_acknowledged() 
         state.display(),
         broker.port
     );
-    let config = capture_kiosk::config::parse(&text, "t").unwrap();
-    let deps = Deps {
-        clock: Arc::new(SystemClock::new()),
-        rig: capture_kiosk::inspection::Rig::open(&config).unwrap(),
-        upload: Box::new(CaptureOnly::default()),
-        notifier: Notifier::none(),
-        watchdog: None,
-        config_path: None,
-        hooks: Hooks::default(),
-    };
-    let daemon = daemon::start(config, deps).unwrap();
+    let daemon = support::capture_only_daemon(capture_kiosk::config::parse(&text, "t").unwrap());
 
     let event = wait(&|topic, v| topic.ends_with("/events") && v["type"] == "buffer_recovered");
     assert_eq!(event["report"]["inspections_recovered"], 3, "{event:#}");
