@@ -15,6 +15,7 @@ use serde::Deserialize;
 
 use crate::capture::config::RawCamera;
 use crate::credentials::{self, CredentialError, Secret};
+use crate::display::{DisplayConfig, RawDisplay};
 use crate::imaging::ResizeSpec;
 use crate::setting::{self, in_range, invalid, Invalid};
 use crate::store::Caps;
@@ -40,6 +41,8 @@ pub struct Config {
     pub cloud: Option<CloudConfig>,
     /// The MQTT broker for status and commands; `None` runs without one.
     pub mqtt: Option<MqttConfig>,
+    /// `[display]`: the driver's screen and the installer's camera page.
+    pub display: DisplayConfig,
 }
 
 impl MqttConfig {
@@ -256,6 +259,11 @@ fn check_files(config: &Config) -> Result<(), Invalid> {
             )
         })?;
     }
+    if let Some(token) = config.display.token_file.as_deref().filter(|_| config.display.enabled) {
+        credentials::load_file(token).map_err(|e| {
+            invalid("display.token_file", e.to_string(), "the camera page cannot be opened without it")
+        })?;
+    }
     for (i, camera) in config.cameras.iter().enumerate() {
         crate::capture::check_files(camera).map_err(|e| {
             invalid(
@@ -283,6 +291,8 @@ struct RawConfig {
     cameras: Vec<RawCamera>,
     cloud: Option<RawCloud>,
     mqtt: Option<RawMqtt>,
+    #[serde(default)]
+    display: RawDisplay,
 }
 
 #[derive(Debug, Deserialize)]
@@ -453,6 +463,7 @@ impl RawConfig {
         let cameras = check_cameras(self.cameras, &inspection.angles)?;
         let cloud = self.cloud.map(check_cloud).transpose()?;
         let mqtt = self.mqtt.map(check_mqtt).transpose()?;
+        let display = self.display.check()?;
         Ok(Config {
             bay_id: self.bay_id,
             state_dir: self.state_dir,
@@ -463,6 +474,7 @@ impl RawConfig {
             cameras,
             cloud,
             mqtt,
+            display,
         })
     }
 }

@@ -154,6 +154,33 @@ impl Rig {
         })
     }
 
+    /// One frame of `camera_id` for the installer's camera page: downscaled to `spec`, masks
+    /// filled and outlined, a dotted grid for aiming. Only its health is recorded; the frame
+    /// itself goes nowhere but back to the caller.
+    pub fn preview(
+        &mut self,
+        camera_id: &str,
+        spec: &ResizeSpec,
+        now: Duration,
+    ) -> Result<crate::display::Preview, String> {
+        let Some(station) = self.stations.iter_mut().find(|s| s.camera_id == camera_id) else {
+            return Err(format!("no camera {camera_id:?} in this bay's configuration"));
+        };
+        let angle = station.angles.first().copied().unwrap_or(PhotoLabel::Front);
+        let raw = station.camera.capture(angle);
+        self.monitor.record(camera_id, &raw.as_ref().map(|_| ()).map_err(Clone::clone), now);
+        let raw = raw.map_err(|e| e.to_string())?;
+        let (processed, guides) = imaging::preview(&raw, spec, &station.imaging)
+            .map_err(|e| format!("camera {camera_id}: its frame cannot be used: {e}"))?;
+        Ok(crate::display::Preview {
+            jpeg: guides,
+            source_width: processed.source_width,
+            source_height: processed.source_height,
+            problems: processed.quality.reason(),
+            quality: processed.quality.scores,
+        })
+    }
+
     /// The camera that shoots `angle`.
     pub fn camera_for(&self, angle: PhotoLabel) -> Option<&str> {
         self.stations.iter().find(|s| s.angles.contains(&angle)).map(|s| s.camera_id.as_str())

@@ -11,6 +11,7 @@ pub mod config;
 pub mod credentials;
 pub mod daemon;
 pub mod demo;
+pub mod display;
 pub mod home_assistant;
 pub mod imaging;
 pub mod inspection;

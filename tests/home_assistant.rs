@@ -13,7 +13,7 @@ use support::{Probe, ProbeSeen};
 
 fn config(dir: &Path, port: u16, cameras: &[&str]) -> String {
     let mut text = format!(
-        "bay_id = \"bay-h\"\nstate_dir = \"{}\"\n\n[inspection]\nangles = [\"Front\"]\n\n[imaging]\nmax_long_edge = 320\n\n[mqtt]\nurl = \"mqtt://127.0.0.1:{port}\"\nheartbeat = \"2s\"\nhome_assistant = true\n",
+        "bay_id = \"bay-h\"\nstate_dir = \"{}\"\n\n[inspection]\nangles = [\"Front\"]\n\n[imaging]\nmax_long_edge = 320\n\n[mqtt]\nurl = \"mqtt://127.0.0.1:{port}\"\nheartbeat = \"2s\"\nhome_assistant = true\n\n[display]\nlisten = \"127.0.0.1:0\"\npublic_url = \"http://bay-h.local:8080/\"\n",
         dir.join("state").display()
     );
     let angles = ["Front", "Rear"];
@@ -66,6 +66,7 @@ fn the_bay_announces_entities_that_read_its_real_state_and_a_removed_camera_lose
         assert_eq!(v["state_topic"], "capture-kiosk/bay-h/state", "{topic}");
         assert_eq!(v["availability"][0]["topic"], "capture-kiosk/bay-h/status", "{topic}");
         assert_eq!(v["device"]["identifiers"][0], "capture-kiosk-bay-h", "{topic}");
+        assert_eq!(v["device"]["configuration_url"], "http://bay-h.local:8080/cameras", "{topic}");
         let template = v["value_template"].as_str().expect("a template");
         for path in capture_kiosk::home_assistant::fields_read(template) {
             let mut at = &state;

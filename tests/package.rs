@@ -42,6 +42,7 @@ fn the_package_installs_the_binary_unit_user_and_example_and_purges_cleanly() {
         "./usr/lib/systemd/system/capture-kiosk.service",
         "./usr/lib/sysusers.d/capture-kiosk.conf",
         "./usr/share/doc/capture-kiosk/examples/bay.example.toml",
+        "./usr/share/doc/capture-kiosk/examples/capture-kiosk-screen.service",
         "./usr/share/doc/capture-kiosk/README.md",
         "./usr/share/doc/capture-kiosk/copyright",
         "./usr/share/doc/capture-kiosk/changelog.Debian.gz",

@@ -94,6 +94,17 @@ const SOURCE_FIX: &str =
     "use \"synthetic:WxH\", \"dir:/path/to/jpegs\", \"http://host/snapshot.jpg\" or \"v4l2:/dev/video0\"";
 
 impl CameraSource {
+    /// The source's kind as written before the colon (`http` for both schemes); never the
+    /// address, which may hold a password.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CameraSource::Synthetic { .. } => "synthetic",
+            CameraSource::Directory(_) => "dir",
+            CameraSource::Http(_) => "http",
+            CameraSource::V4l2(_) => "v4l2",
+        }
+    }
+
     pub fn parse(text: &str) -> Result<CameraSource, BadSource> {
         let bad = |problem: String| BadSource { problem, fix: SOURCE_FIX.to_owned() };
         let lower = text.to_ascii_lowercase();

@@ -20,6 +20,9 @@ pub enum Behaviour {
     Off,
     /// Reads the request and never answers (until switched back or stopped).
     Hang,
+    /// Reads the request and answers once switched to another behaviour, as that one does: a
+    /// camera that takes its time (a slow exposure, a busy encoder).
+    Hold,
     /// Answers 200 with bytes that are not a JPEG.
     Garbage,
     /// Answers 200 with the first part of its frame only, correctly framed.
@@ -205,8 +208,23 @@ fn answer(
             }
         }
     }
+    let behaviour = if behaviour == Behaviour::Hold {
+        let since = Instant::now();
+        loop {
+            let now = state.lock().unwrap_or_else(|p| p.into_inner()).behaviour;
+            if now != Behaviour::Hold
+                || stop.load(Ordering::SeqCst)
+                || since.elapsed() > Duration::from_secs(60)
+            {
+                break now;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    } else {
+        behaviour
+    };
     let body: Vec<u8> = match behaviour {
-        Behaviour::Hang => {
+        Behaviour::Hang | Behaviour::Hold => {
             let since = Instant::now();
             while !stop.load(Ordering::SeqCst)
                 && state.lock().unwrap_or_else(|p| p.into_inner()).behaviour == Behaviour::Hang

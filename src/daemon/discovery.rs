@@ -21,7 +21,12 @@ pub fn retained(config: &Config) -> Option<Vec<(String, Vec<u8>)>> {
         root: format!("{}/{}", mqtt.topic_prefix, config.bay_id),
         prefix: mqtt.discovery_prefix.clone(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
-        configuration_url: None,
+        configuration_url: config
+            .display
+            .public_url
+            .as_ref()
+            .filter(|_| config.display.enabled)
+            .map(|url| format!("{url}/cameras")),
         cameras: cameras.clone(),
     };
     let path = config.state_dir.join(ANNOUNCED);

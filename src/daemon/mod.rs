@@ -33,6 +33,7 @@ use anyhow::Context;
 
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::display::{self, Display, PreviewJob};
 use crate::inspection::{self, InspectionError, Progress, Rig};
 use crate::mqtt::{Link, LinkEvent};
 use crate::status;
@@ -98,6 +99,7 @@ pub struct Deps {
 /// A running daemon.
 pub struct Daemon {
     events: Sender<Event>,
+    display: Option<std::net::SocketAddr>,
     supervisor: JoinHandle<anyhow::Result<()>>,
 }
 
@@ -110,6 +112,11 @@ impl Daemon {
     /// A sender for events (the signal thread).
     pub fn sender(&self) -> Sender<Event> {
         self.events.clone()
+    }
+
+    /// Where the driver's screen and the camera page are served, when they are.
+    pub fn display_addr(&self) -> Option<std::net::SocketAddr> {
+        self.display
     }
 
     /// Waits until the daemon stopped.
@@ -129,7 +136,11 @@ pub fn start(config: Config, deps: Deps) -> anyhow::Result<Daemon> {
     let boot_id = format!("{:016x}", fastrand::u64(..));
     let mut bay = Bay::new(config.clone(), boot_id, now(clock.as_ref()), deps.watchdog);
     let (events, inbox) = mpsc::channel();
+    let (previews, preview_inbox) = mpsc::channel::<PreviewJob>();
+    let display = start_display(&config, previews);
+    let display_addr = display.as_ref().map(Display::addr);
     let mut shell = Shell {
+        display,
         link: None,
         notifier: deps.notifier,
         config_path: deps.config_path,
@@ -184,7 +195,8 @@ pub fn start(config: Config, deps: Deps) -> anyhow::Result<Daemon> {
             }
         })?;
         std::thread::Builder::new().name("capture".to_owned()).spawn(move || {
-            capture_loop(&mut rig, &store, &job_inbox, &events, clock.as_ref(), &cancel, &beats, &hooks)
+            let inbox = Inbox { jobs: &job_inbox, previews: &preview_inbox };
+            capture_loop(&mut rig, &store, inbox, &events, clock.as_ref(), &cancel, &beats, &hooks)
         })?
     };
     let (wake, wake_inbox) = mpsc::channel::<()>();
@@ -218,7 +230,33 @@ pub fn start(config: Config, deps: Deps) -> anyhow::Result<Daemon> {
     log::info!(bay_id = bay.config().bay_id.as_str(), state_dir:% = bay.config().state_dir.display(); "Daemon ready");
     let supervisor =
         std::thread::Builder::new().name("supervisor".to_owned()).spawn(move || shell.run(bay, &inbox))?;
-    Ok(Daemon { events, supervisor })
+    Ok(Daemon { events, display: display_addr, supervisor })
+}
+
+/// Starts the driver's screen and the camera page. A bay whose pages cannot be served still
+/// takes cars: the reason is logged and the daemon runs on without them.
+fn start_display(config: &Config, previews: Sender<PreviewJob>) -> Option<Display> {
+    if !config.display.enabled {
+        return None;
+    }
+    let started = display::token(&config.display, &config.state_dir).and_then(|token| {
+        let hint = token.1.how_to_read();
+        let bay = display::BayInfo {
+            bay_id: config.bay_id.clone(),
+            cameras: display::CameraInfo::of(&config.cameras),
+        };
+        Display::start(&config.display, bay, token, previews).map(|d| (d, hint))
+    });
+    match started {
+        Ok((display, hint)) => {
+            log::info!(url:% = format!("http://{}/", display.addr()), camera_page_token:% = hint; "Serving the driver's screen at / and the camera page at /cameras");
+            Some(display)
+        }
+        Err(e) => {
+            log::warn!(error:% = e; "The bay's screen and camera page are not served; the bay takes cars without them");
+            None
+        }
+    }
 }
 
 /// A buffer file above this size is checked with the MQTT link already up (`lifecycle: init`):
@@ -294,6 +332,8 @@ impl Beats {
 /// The shell: carries inputs to the [`Bay`] and its effects out to the threads, the buffer,
 /// the MQTT link and systemd. It decides nothing.
 struct Shell {
+    /// The driver's screen and the camera page, when served.
+    display: Option<Display>,
     link: Option<Link>,
     notifier: Notifier,
     config_path: Option<PathBuf>,
@@ -393,11 +433,17 @@ impl Shell {
                     }
                 }
                 Effect::Emit(event) => {
+                    if let Some(display) = &self.display {
+                        display.event(&event);
+                    }
                     if let Some(link) = &self.link {
                         link.event(status::to_bytes(&event));
                     }
                 }
                 Effect::PublishState(state) => {
+                    if let Some(display) = &self.display {
+                        display.state(&state);
+                    }
                     if let Some(link) = &self.link {
                         link.set_state(status::to_bytes(&state));
                     }
@@ -517,15 +563,32 @@ impl Shell {
             // The link hands over the last state and events, then says offline.
             link.stop(Duration::from_secs(2));
         }
+        if let Some(display) = self.display.take() {
+            display.stop();
+        }
         log::info!("Daemon stopped");
     }
 }
+
+/// What the capture thread takes work from: inspections first, frames for the camera page only
+/// while no inspection waits.
+struct Inbox<'a> {
+    jobs: &'a Receiver<Job>,
+    previews: &'a Receiver<PreviewJob>,
+}
+
+/// How long the idle capture loop waits for work before it looks for camera-page frames and
+/// due health checks.
+const IDLE_WAIT: Duration = Duration::from_millis(100);
+/// The camera page's frames: small enough for a phone, large enough to aim by.
+const PREVIEW: crate::imaging::ResizeSpec =
+    crate::imaging::ResizeSpec { max_long_edge: 960, jpeg_quality: 80 };
 
 #[allow(clippy::too_many_arguments)]
 fn capture_loop(
     rig: &mut Rig,
     store: &Mutex<Store>,
-    jobs: &Receiver<Job>,
+    inbox: Inbox<'_>,
     events: &Sender<Event>,
     clock: &dyn Clock,
     cancel: &AtomicBool,
@@ -543,15 +606,26 @@ fn capture_loop(
             }
         }
         beats.beat(CAPTURE_LOOP, clock.monotonic());
-        let job = match jobs.recv_timeout(BEAT) {
+        let job = match inbox.jobs.try_recv() {
             Ok(job) => job,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                // Idle: the cheap health checks that are due; a camera that came back is
-                // re-attached here.
-                rig.probe_due(clock.monotonic());
-                continue;
+            Err(mpsc::TryRecvError::Disconnected) => return,
+            Err(mpsc::TryRecvError::Empty) => {
+                if let Ok(preview) = inbox.previews.try_recv() {
+                    let frame = rig.preview(&preview.camera, &PREVIEW, clock.monotonic());
+                    let _ = preview.reply.send(frame);
+                    continue;
+                }
+                match inbox.jobs.recv_timeout(IDLE_WAIT) {
+                    Ok(job) => job,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        // Idle: the cheap health checks that are due; a camera that came back
+                        // is re-attached here.
+                        rig.probe_due(clock.monotonic());
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                }
             }
-            Err(mpsc::RecvTimeoutError::Disconnected) => return,
         };
         let result = inspection::run(rig, store, &job.request, &job.settings, clock, cancel, &mut |p| {
             beats.beat(CAPTURE_LOOP, clock.monotonic());
