@@ -260,6 +260,20 @@ fn check(path: &Path, ack_recovery: bool) -> anyhow::Result<u8> {
         }
         println!("cloud {}: its certificate is checked against {roots}", cloud.base_url);
     }
+    if config.display.enabled {
+        let token = match &config.display.token_file {
+            Some(file) => format!("the token in {}", file.display()),
+            None => format!(
+                "the token in the systemd credential {} or else {}",
+                crate::display::TOKEN_CREDENTIAL,
+                config.state_dir.join(crate::display::TOKEN_FILE).display()
+            ),
+        };
+        println!(
+            "display http://{}/: the driver's screen; /cameras: the camera page ({token})",
+            config.display.listen
+        );
+    }
     let buffer = crate::store::check_buffer(&config.state_dir)
         .with_context(|| format!("the buffer in {} cannot be checked", config.state_dir.display()))?;
     if !buffer.exists {

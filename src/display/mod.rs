@@ -246,6 +246,17 @@ mod tests {
     }
 
     #[test]
+    fn a_port_already_taken_is_refused_with_the_address_and_the_fix() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let config = DisplayConfig { listen: taken.local_addr().unwrap(), ..DisplayConfig::default() };
+        let bay = BayInfo { bay_id: "b".to_owned(), cameras: Vec::new() };
+        let token = (Secret::new("t"), TokenSource::Credential);
+        let Err(e) = Display::start(&config, bay, token, mpsc::channel().0) else { panic!("started on a taken port") };
+        let e = e.to_string();
+        assert!(e.contains(&config.listen.to_string()) && e.contains("[display] listen"), "{e}");
+    }
+
+    #[test]
     fn a_configured_token_file_others_can_read_is_refused_and_a_credential_is_used() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("token");
