@@ -28,6 +28,8 @@ use capture_kiosk::vehicle::{CaseId, PhotoLabel};
 const GOAL: f64 = 0.25;
 
 fn main() {
+    // The allocator as the kiosk's binary sets it, before any thread exists.
+    capture_kiosk::allocator::keep_large_buffers_apart();
     let args: Vec<String> = std::env::args().collect();
     // Without `--bench` (as `cargo test --all-targets` runs it) one small pass proves it works.
     let full = args.iter().any(|a| a == "--bench");
