@@ -11,8 +11,9 @@
 //! threshold keeps every large buffer in a mapping of its own: resident only while alive.
 //! The price is that the kernel zeroes fresh pages for every frame (a few ms of CPU a frame).
 
-/// The fixed mmap threshold: every block of 512 KiB or more is a mapping of its own. (glibc
-/// refuses more than 512 KiB on 32-bit targets such as armv7.)
+/// The fixed mmap threshold: every block of 512 KiB or more is a mapping of its own. Well below
+/// every frame and pixel buffer, and within the upper limit mallopt(3) documents for 32-bit
+/// systems such as armv7 (512 KiB; 32 MiB on 64-bit ones).
 pub const MMAP_THRESHOLD: usize = 512 << 10;
 
 /// Fixes the allocator's mmap threshold at [`MMAP_THRESHOLD`]. Call it first thing in `main`
