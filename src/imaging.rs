@@ -438,8 +438,8 @@ fn shrink(image: RgbImage, width: u32, height: u32) -> Result<RgbImage, FrameErr
     resize(&tall, width, height)
 }
 
-/// Encodes RGB pixels as a baseline JPEG at `quality` (1–100), 4:2:0 chroma, with Huffman
-/// tables made for the image. The output carries no metadata: no EXIF (so no GPS, maker notes
+/// Encodes RGB pixels as a baseline JPEG at `quality` (1–100), 4:2:0 chroma, with the standard
+/// Huffman tables (so the encoder streams: no whole-image coefficient buffer). The output carries no metadata: no EXIF (so no GPS, maker notes
 /// or orientation), no ICC profile, no comment; only the JFIF header every JPEG reader expects.
 pub fn encode(img: &RgbImage, quality: u8) -> Result<Vec<u8>, FrameError> {
     if !(1..=100).contains(&quality) {
@@ -1242,6 +1242,27 @@ mod tests {
         assert!(markers.iter().all(|m| allowed.contains(m)), "unexpected segment in {markers:02X?}");
         assert!(!jpeg.windows(4).any(|w| w == b"Exif"));
         assert_eq!(check_complete(&jpeg), Ok(FrameHeader { width: 320, height: 240 }));
+    }
+
+    #[test]
+    fn encode_writes_the_standard_huffman_tables_so_it_never_holds_a_whole_image_of_coefficients() {
+        let jpeg = encode(&noisy(320, 240, 5), 85).expect("encodes");
+        // The code-length counts of the luminance DC table (class 0, id 0) of ITU T.81 Annex K.3;
+        // tables made for the image would differ for a noisy picture.
+        let standard_dc_luma = [0u8, 1, 5, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0];
+        let mut pos = 2;
+        let mut found = None;
+        while let (Some(&0xFF), Some(&marker)) = (jpeg.get(pos), jpeg.get(pos + 1)) {
+            let length = usize::from(u16::from_be_bytes([jpeg[pos + 2], jpeg[pos + 3]]));
+            if marker == 0xC4 && jpeg[pos + 4] == 0x00 {
+                found = Some(jpeg[pos + 5..pos + 21].to_vec());
+            }
+            if marker == 0xDA {
+                break;
+            }
+            pos += 2 + length;
+        }
+        assert_eq!(found.as_deref(), Some(&standard_dc_luma[..]));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
+pub mod allocator;
 pub mod capture;
 pub mod cli;
 pub mod clock;

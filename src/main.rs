@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // Before any thread exists: large pixel buffers go back to the kernel when freed.
+    capture_kiosk::allocator::keep_large_buffers_apart();
     let cli = capture_kiosk::cli::Cli::parse();
     let level = match cli.verbose {
         0 => log::LevelFilter::Info,
