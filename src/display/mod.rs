@@ -251,7 +251,9 @@ mod tests {
         let config = DisplayConfig { listen: taken.local_addr().unwrap(), ..DisplayConfig::default() };
         let bay = BayInfo { bay_id: "b".to_owned(), cameras: Vec::new() };
         let token = (Secret::new("t"), TokenSource::Credential);
-        let Err(e) = Display::start(&config, bay, token, mpsc::channel().0) else { panic!("started on a taken port") };
+        let Err(e) = Display::start(&config, bay, token, mpsc::channel().0) else {
+            panic!("started on a taken port")
+        };
         let e = e.to_string();
         assert!(e.contains(&config.listen.to_string()) && e.contains("[display] listen"), "{e}");
     }
