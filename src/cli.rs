@@ -456,6 +456,7 @@ fn upload(path: &Path, max_wait: Duration) -> anyhow::Result<u8> {
 fn queue_alerts(
     list: &[InspectionSummary],
     recoveries: &[crate::store::RecoveryRecord],
+    clock: Option<crate::upload::clock_note::ClockNote>,
 ) -> Vec<crate::status::Alert> {
     use crate::status::{Alert, AlertKind};
     let mut alerts: Vec<Alert> = recoveries
@@ -469,6 +470,7 @@ fn queue_alerts(
         .filter(|i| i.state == InspectionState::Failed && i.images > 0)
         .map(|i| i.id.0.to_string())
         .collect();
+    alerts.extend(clock.and_then(|note| note.alert()));
     if !failed.is_empty() {
         alerts.push(Alert {
             kind: AlertKind::InspectionFailed,
@@ -607,7 +609,7 @@ fn queue(path: &Path, json: bool, history: bool) -> anyhow::Result<u8> {
     });
     let now = SystemTime::now();
     let oldest_pending = totals.oldest_created_at.map(|o| age(now, o));
-    let alerts = queue_alerts(&list, &recoveries);
+    let alerts = queue_alerts(&list, &recoveries, crate::upload::clock_note::read(&config.state_dir));
     if json {
         let inspections: Vec<serde_json::Value> = list
             .iter()

@@ -202,6 +202,16 @@ fn retry_puts_a_failed_inspection_back_and_queue_shows_the_alert_and_the_oldest_
     assert_eq!(q["inspections"][0]["state"], "captured", "{q:#}");
     assert_eq!(q["alerts"], serde_json::json!([]), "{q:#}");
 
+    // The cloud's verdict on the clock, as the uploader notes it beside the buffer.
+    use capture_kiosk::upload::{clock_note, policy::ClockTrust};
+    let note =
+        clock_note::ClockNote::of(ClockTrust::Untrusted { skew_secs: 420 }, std::time::SystemTime::now());
+    clock_note::write(&tmp.path().join("state"), &note.unwrap()).unwrap();
+    let q = queue_json(config);
+    assert_eq!(q["alerts"][0]["type"], "clock_untrusted", "{q:#}");
+    let shown = text(&run(&["queue", "--config", config]));
+    assert!(shown.contains("alert: the bay's clock was 420 s ahead of the cloud's"), "{shown}");
+
     let again = run(&["retry", "--config", config, "--inspection", "1"]);
     assert_eq!(again.status.code(), Some(2), "{}", text(&again));
     assert!(

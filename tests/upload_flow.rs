@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use capture_kiosk::clock::ManualClock;
 use capture_kiosk::standin::{FaultKind, SessionRecord, StandIn, StandInConfig};
 use capture_kiosk::store::{InspectionId, InspectionState, Store};
+use capture_kiosk::upload::clock_note;
 use capture_kiosk::upload::drain::{drain, uploader, Drained};
 use capture_kiosk::upload::{Event, Uploader};
 use capture_kiosk::vehicle::PhotoLabel;
@@ -376,11 +377,17 @@ fn with_a_wrong_clock_nothing_is_signed_until_it_is_right() {
     let state = bay.store.upload_state(id).unwrap();
     assert!(state.last_error.unwrap().contains("clock untrusted"));
     assert!(!bay.uploader.link().clock.may_sign());
+    // The verdict is noted beside the buffer, where `queue` shows it as an alert.
+    let state_dir = bay.store.path().parent().unwrap().to_owned();
+    let note = clock_note::read(&state_dir).expect("the verdict noted");
+    assert_eq!((note.trusted, note.skew_secs), (false, -600));
+    assert!(note.alert().unwrap().reason.contains("600 s behind"));
 
     bay.standin.set_clock_offset(0);
     let (drained, _, _) = bay.drain(Duration::from_secs(100));
     assert_eq!(drained.completed, vec![id]);
     bay.assert_delivered_once(id, "CASE-CLOCK");
+    assert_eq!(clock_note::read(&state_dir).unwrap().alert(), None, "a clock set right clears it");
 }
 
 #[test]

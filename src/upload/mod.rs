@@ -3,6 +3,7 @@
 //! The contract is `shared/spec/cloud-api.md` of the project.
 
 pub mod client;
+pub mod clock_note;
 pub mod credentials;
 pub mod drain;
 pub mod policy;

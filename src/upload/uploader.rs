@@ -135,6 +135,8 @@ pub struct Uploader {
     given_up: Vec<(InspectionId, String, String)>,
     /// Whether the kernel's unsynchronised clock was already reported (once until it syncs).
     told_kernel_unsynced: bool,
+    /// The clock verdict last written beside the buffer (`clock_note`), for `queue`.
+    noted_clock: ClockTrust,
     /// Sessions opened ahead of time (at most two, and then the current inspection's complete
     /// is settled: at most two sessions are open at once).
     prefetch: Vec<Prefetch>,
@@ -204,6 +206,7 @@ impl Uploader {
             jitter: Box::new(fastrand::f64),
             given_up: Vec::new(),
             told_kernel_unsynced: false,
+            noted_clock: ClockTrust::Unknown,
             prefetch: Vec::new(),
             completing: None,
         }
@@ -233,6 +236,30 @@ impl Uploader {
     /// Does the upload work due now and says when to call again. Never panics on what the cloud
     /// or the buffer says; errors become waits or a `failed` inspection with its reason.
     pub fn pump(&mut self, store: &mut Store, events: &mut dyn FnMut(Event)) -> Pump {
+        let pumped = self.pump_once(store, events);
+        self.note_clock(store);
+        pumped
+    }
+
+    /// Writes the cloud's verdict on the clock beside the buffer when it changed, so that
+    /// `queue` shows an untrusted clock. A note that cannot be written costs only that.
+    fn note_clock(&mut self, store: &Store) {
+        let trust = self.client.clock_trust();
+        if std::mem::discriminant(&trust) == std::mem::discriminant(&self.noted_clock) {
+            return;
+        }
+        let (Some(note), Some(dir)) =
+            (super::clock_note::ClockNote::of(trust, self.clock.wall()), store.path().parent())
+        else {
+            return;
+        };
+        match super::clock_note::write(dir, &note) {
+            Ok(()) => self.noted_clock = trust,
+            Err(e) => log::debug!(error:% = e; "Could not note the clock's verdict beside the buffer"),
+        }
+    }
+
+    fn pump_once(&mut self, store: &mut Store, events: &mut dyn FnMut(Event)) -> Pump {
         // A complete sent in the background whose answer is in is settled first, even during a
         // wait: the inspection is done at the cloud, and the buffer should say so.
         if self.completing.as_ref().is_some_and(|c| c.handle.is_finished()) {
