@@ -5,7 +5,7 @@
 mod support;
 
 use std::io::Read;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -40,7 +40,7 @@ impl Broker {
     }
 
     fn start_with(extra: &str) -> Broker {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = support::free_port();
         let mut broker =
             Broker { dir: tempfile::tempdir().unwrap(), port, child: None, extra: extra.to_owned() };
         broker.restart();

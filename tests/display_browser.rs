@@ -305,6 +305,7 @@ attention_for = "6s"
         b.eval(LOOK)["angles"].as_array().map_or(0, |a| a.iter().filter(|s| *s == "stored").count())
     };
     let lag = browser.until("the second angle on the screen", 5, |b| stored(b) == 2);
+    eprintln!("angle stored -> on the screen: {lag:?}");
     assert!(lag < Duration::from_secs(1), "the screen showed the stored angle after {lag:?}");
     assert_eq!(browser.eval(LOOK)["angles"], json!(["stored", "stored", "pending", "pending"]));
     check_stage(&mut browser, "capturing", "Stop \u{2014} hold still");
@@ -312,6 +313,7 @@ attention_for = "6s"
     side.set_behaviour(Behaviour::Serve);
     operator.json(events, |e| e["type"] == "inspection_captured");
     let lag = browser.until("done", 5, |b| mode(b) == "done");
+    eprintln!("inspection captured -> done on the screen: {lag:?}");
     assert!(lag < Duration::from_secs(1), "the screen said done after {lag:?}");
     assert_eq!(browser.eval(LOOK)["angles"], json!(["stored", "stored", "stored", "stored"]));
     check_stage(&mut browser, "done", "Done \u{2014} please drive on");
@@ -321,6 +323,7 @@ attention_for = "6s"
     operator.publish(commands, r#"{"command_id":"d-2","case_id":"CASE-D2"}"#);
     operator.json(events, |e| e["type"] == "angle_failed");
     let lag = browser.until("attention", 5, |b| mode(b) == "attention");
+    eprintln!("angle failed -> attention on the screen: {lag:?}");
     assert!(lag < Duration::from_secs(1), "the screen called an attendant after {lag:?}");
     operator.json(events, |e| e["type"] == "inspection_captured" || e["type"] == "inspection_failed");
     check_stage(&mut browser, "attention", "Please wait, an attendant is coming");

@@ -192,9 +192,9 @@ impl Drop for Tmpfs {
 /// waits until it listens. The configuration is written in `dir`. Returns the port and the
 /// process, which the caller kills.
 pub fn mosquitto(dir: &Path, settings: &str) -> (u16, std::process::Child) {
-    use std::net::{TcpListener, TcpStream};
+    use std::net::TcpStream;
     use std::time::Instant;
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let conf = dir.join("mosquitto.conf");
     std::fs::write(&conf, format!("listener {port} 127.0.0.1\npersistence false\n{settings}")).unwrap();
     let child = std::process::Command::new("mosquitto")
@@ -212,9 +212,19 @@ pub fn mosquitto(dir: &Path, settings: &str) -> (u16, std::process::Child) {
     (port, child)
 }
 
-/// A free port on 127.0.0.1 (for a broker started, stopped and started again on it).
+/// A free port on 127.0.0.1 (for a broker started, stopped and started again on it), never
+/// one handed out before in this process: tests run in parallel, and two that picked the same
+/// port would talk to each other's brokers.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Starts Mosquitto with exactly `conf` (a whole mosquitto.conf, written in `dir`) and waits
@@ -241,6 +251,11 @@ pub fn mosquitto_conf(dir: &Path, conf: &str, port: u16) -> Mosquitto {
         }
         assert!(Instant::now() < deadline, "mosquitto did not listen on {port}");
         std::thread::sleep(Duration::from_millis(20));
+    }
+    // Something listens on the port: make sure it is this broker, not one that was there.
+    std::thread::sleep(Duration::from_millis(50));
+    if let Ok(Some(status)) = child.try_wait() {
+        panic!("mosquitto exited ({status}): {}", std::fs::read_to_string(&log).unwrap_or_default());
     }
     Mosquitto(child)
 }
