@@ -96,6 +96,16 @@ fn wait_for(what: &str, secs: u64, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// Waits until the daemon's first health probe found every camera online.
+fn first_probe_answered(addr: SocketAddr, dir: &Path) {
+    let token = std::fs::read_to_string(dir.join("state/display-token")).unwrap();
+    wait_for("the first health probe", 60, || {
+        let list: serde_json::Value =
+            serde_json::from_slice(&get(addr, "/api/cameras", Some(&token)).body).unwrap_or_default();
+        list["cameras"].as_array().is_some_and(|c| c.iter().all(|c| c["status"] == "online"))
+    });
+}
+
 fn mode(addr: SocketAddr) -> String {
     let screen: serde_json::Value = serde_json::from_slice(&get(addr, "/screen", None).body).unwrap();
     screen["mode"].as_str().unwrap_or_default().to_owned()
@@ -117,8 +127,7 @@ fn the_camera_page_needs_the_token_and_its_frames_are_never_kept_nor_taken_durin
     assert!(!String::from_utf8_lossy(&page.body).contains("http"), "the page fetches nothing from elsewhere");
 
     // Everything else: 401 and no image bytes without the token, or with another one.
-    wait_for("the first health probe", 10, || camera.requests() > 0);
-    std::thread::sleep(Duration::from_millis(200));
+    first_probe_answered(addr, dir.path());
     let served = camera.frames_served();
     for path in ["/cameras", "/api/cameras", "/api/cameras/front/frame"] {
         for wrong in [None, Some("not-the-token"), Some(&token[..token.len() - 1])] {
@@ -224,6 +233,9 @@ fn the_drivers_screen_streams_every_stage_of_an_inspection() {
     let config = capture_kiosk::config::load(&bay(dir.path(), &camera.url())).unwrap();
     let daemon = support::capture_only_daemon(config);
     let addr = daemon.display_addr().unwrap();
+    // The health probe at start must be answered before the camera is made to hold its
+    // frames, or it would hold the probe (and the capture behind it).
+    first_probe_answered(addr, dir.path());
     let mut stream = Stream::open(addr);
     let mut screen = stream.next();
     while screen["mode"] == "opening" {
@@ -260,6 +272,7 @@ fn the_drivers_screen_streams_every_stage_of_an_inspection() {
         if mode == "done" {
             break;
         }
+        assert!(mode == "capturing", "the screen went {mode} before done: {seen:?} {rows:?}");
     }
     assert_eq!(seen, ["capturing", "done"]);
     assert!(rows.contains(&vec!["pending".to_owned(), "pending".to_owned()]), "{rows:?}");

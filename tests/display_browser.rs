@@ -298,6 +298,8 @@ attention_for = "6s"
 
     // Capturing: the side camera holds its frame, so the car is in the bay with two of four
     // angles stored.
+    // (The health probe at start was answered: a held probe would hold the capture too.)
+    operator.json_any("capture-kiosk/bay-07/state", |s| s["cameras"]["side"]["status"] == "online");
     side.set_behaviour(Behaviour::Hold);
     operator.publish(commands, r#"{"command_id":"d-1","case_id":"CASE-D1"}"#);
     operator.json(events, |e| e["type"] == "angle_captured" && e["angle"] == "Rear");

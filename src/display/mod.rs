@@ -123,6 +123,10 @@ fn token_from(
         return Ok((secret, TokenSource::Credential));
     }
     let path = state_dir.join(TOKEN_FILE);
+    // A token file left empty (the disk filled up as it was made) is made again.
+    if std::fs::metadata(&path).is_ok_and(|m| m.len() == 0) {
+        let _ = std::fs::remove_file(&path);
+    }
     if !path.exists() {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
@@ -136,7 +140,10 @@ fn token_from(
         match written {
             Ok(()) => log::info!(path:% = path.display(); "Made a token for the camera page"),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(DisplayError::TokenNotWritten { path, reason: e.to_string() }),
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                return Err(DisplayError::TokenNotWritten { path, reason: e.to_string() });
+            }
         }
     }
     Ok((credentials::load_file(&path)?, TokenSource::Made(path)))
@@ -242,6 +249,9 @@ mod tests {
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         let (again, _) = token_from(&config, dir.path(), None).unwrap();
         assert_eq!(first, again, "the token survives a restart");
+        std::fs::write(&path, "").unwrap();
+        let (remade, _) = token_from(&config, dir.path(), None).unwrap();
+        assert_eq!(remade.expose().len(), 64, "a token file left empty is made again");
         assert!(source.how_to_read().contains(&path.display().to_string()));
     }
 
