@@ -191,9 +191,8 @@ impl Board {
             Some(run) if run.ended.is_none() => {
                 (if run.failed() { Mode::Attention } else { Mode::Capturing }, self.row(run))
             }
-            Some(Run { ended: Some((attention, until)), .. }) if now < *until && !self.capturing => {
-                let run = self.run.as_ref().map(|r| self.row(r)).unwrap_or_default();
-                (if *attention { Mode::Attention } else { Mode::Done }, run)
+            Some(run @ Run { ended: Some((attention, until)), .. }) if now < *until && !self.capturing => {
+                (if *attention { Mode::Attention } else { Mode::Done }, self.row(run))
             }
             _ if self.capturing => (Mode::Capturing, Vec::new()),
             _ => match self.lifecycle {
