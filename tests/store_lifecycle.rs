@@ -250,11 +250,17 @@ fn one_inspection_that_keeps_failing_moves_behind_the_others_and_queue_shows_why
     let mut bay = Bay::new();
     let now = bay.clock.wall();
     let first = captured(bay.store(), "CASE-STUCK", &ANGLES, 30, now);
+    // The cloud answers 503 to the next uploads. The first try fails while the inspection is
+    // alone; then another one waits behind it. From then on the uploader sends one inspection
+    // at a time (the link failed): the oldest takes the rest of the failures, one try each.
+    bay.standin.fail_next_uploads(MOVE_BEHIND_AFTER as usize, 503, Duration::from_secs(5));
+    let clock = bay.clock.clone();
+    let store = bay.store.as_mut().unwrap();
+    let tried = drain(&mut bay.uploader, store, Duration::ZERO, &mut |d| clock.advance(d), &mut |_| {});
+    assert!(tried.completed.is_empty());
+    assert_eq!(bay.store().upload_state(first).unwrap().attempts, 1);
     let second = captured(bay.store(), "CASE-NEXT", &ANGLES, 30, now);
     assert_eq!(bay.store().next_to_upload().unwrap().map(|i| i.id), Some(first), "oldest first");
-
-    // The cloud answers 503 to the next uploads: the oldest takes them all, one try each.
-    bay.standin.fail_next_uploads(MOVE_BEHIND_AFTER as usize, 503, Duration::from_secs(5));
     let drained = bay.upload();
     assert_eq!(drained.completed, vec![second, first], "the stuck one went behind, then through");
     let stuck = bay.store().upload_state(first).unwrap();

@@ -137,6 +137,70 @@ fn the_next_session_opens_while_images_travel_and_no_image_lands_in_the_wrong_se
 }
 
 #[test]
+fn the_next_inspections_images_travel_while_the_answer_to_the_previous_is_outstanding() {
+    // Each inspection is one request. The first one is stored by the cloud, but its answer is
+    // held for 4 s and then lost. The second inspection's images must reach the cloud while
+    // that answer is still outstanding (the link does not wait on round trips), and the lost
+    // answer must still end with every image stored once and every session completed once.
+    let clock = ManualClock::starting_at(start());
+    let config = StandInConfig::default();
+    let standin = Arc::new(StandIn::start(config.clone(), Arc::new(clock.clone())).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = cloud(&standin.base_url(), &secret_file(dir.path(), &config));
+    let mut store = Store::open(&dir.path().join("state"), CAPS, start()).unwrap();
+    let cases = [
+        (captured(&mut store, "OVER-1", &EXTERIOR, 200, start()), "OVER-1"),
+        (captured(&mut store, "OVER-2", &EXTERIOR, 200, start()), "OVER-2"),
+        (captured(&mut store, "OVER-3", &EXTERIOR, 200, start()), "OVER-3"),
+    ];
+    let hold = Duration::from_secs(4);
+    standin.hold_after_accepting_next(1, hold, "/api/upload");
+    let watcher = {
+        let standin = standin.clone();
+        std::thread::spawn(move || {
+            // The hold is recorded as it begins; the second inspection's images must be in
+            // before it ends (a margin of half a second is left for the watcher's own lag).
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let (mut held_since, mut second_in, mut most_open) = (None::<Instant>, false, 0);
+            loop {
+                let sessions = standin.sessions();
+                most_open = most_open.max(sessions.iter().filter(|s| !s.completed).count());
+                if held_since.is_none()
+                    && standin.requests().iter().any(|r| r.fault == Some(FaultKind::HeldAfterAccepting))
+                {
+                    held_since = Some(Instant::now());
+                }
+                second_in |= held_since.is_some()
+                    && sessions.iter().any(|s| s.case_id == "OVER-2" && s.photos.len() == EXTERIOR.len());
+                let hold_over = held_since.is_some_and(|t| t.elapsed() > hold - Duration::from_millis(500));
+                if second_in || hold_over || Instant::now() > deadline {
+                    return (held_since.is_some(), second_in, most_open);
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let mut up = uploader(&cloud, Arc::new(clock.clone())).unwrap().with_jitter(|| 0.5);
+    let mut most_open_after = 0;
+    let drained =
+        drain(&mut up, &mut store, Duration::from_secs(600), &mut |d| clock.advance(d), &mut |_| {
+            most_open_after = most_open_after.max(standin.sessions().iter().filter(|s| !s.completed).count());
+        });
+    let (held, second_in, most_open) = watcher.join().unwrap();
+    assert!(held, "the first upload's answer was never held: {:#?}", standin.requests());
+    assert!(second_in, "the second inspection's images waited for the first one's answer");
+    assert!(most_open.max(most_open_after) <= 2, "at most two sessions in flight: {:#?}", standin.sessions());
+    let mut completed = drained.completed.clone();
+    completed.sort();
+    assert_eq!(completed, cases.iter().map(|(id, _)| *id).collect::<Vec<_>>());
+    assert_no_image_in_the_wrong_session(&standin, &store, &cases);
+    assert_eq!(standin.sessions().len(), 3, "the lost answer cost no session: {:#?}", standin.sessions());
+    let completes = standin.requests().iter().filter(|r| r.path == "/api/complete").count();
+    assert_eq!(completes, 3, "one complete per inspection");
+    standin.stop();
+}
+
+#[test]
 fn a_long_wait_while_a_session_is_open_early_mixes_nothing_and_wastes_no_image() {
     // The first inspection waits out a 15-minute Retry-After while the second one's session is
     // opened early: the first one's tokens age, and so may the early session (whether it was
@@ -156,7 +220,11 @@ fn a_long_wait_while_a_session_is_open_early_mixes_nothing_and_wastes_no_image()
     let mut up = uploader(&cloud, Arc::new(clock.clone())).unwrap().with_jitter(|| 0.5);
     let drained =
         drain(&mut up, &mut store, Duration::from_secs(3600), &mut |d| clock.advance(d), &mut |_| {});
-    assert_eq!(drained.completed, vec![cases[0].0, cases[1].0]);
+    // AGE-2's only request was on its way when AGE-1's answer said to wait: it is not held
+    // back by AGE-1's wait, so it may complete first.
+    let mut completed = drained.completed.clone();
+    completed.sort();
+    assert_eq!(completed, vec![cases[0].0, cases[1].0]);
     assert_no_image_in_the_wrong_session(&standin, &store, &cases);
     let unused: Vec<_> = standin.sessions().into_iter().filter(|s| !s.completed).collect();
     assert!(unused.iter().any(|s| s.case_id == "AGE-1"), "the first session of AGE-1 aged: {unused:#?}");
@@ -195,14 +263,18 @@ fn killed_while_the_next_session_is_open_but_not_yet_buffered_nothing_is_lost_or
     let standin = StandIn::start(StandInConfig::default(), Arc::new(SystemClock::new())).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (config, state) = kill_rig(&standin, dir.path());
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("max_request_bytes = \"1 MiB\"\n");
+    std::fs::write(&config, text).unwrap();
     let cases = {
         let mut store = Store::open(&state, CAPS, SystemTime::now()).unwrap();
         [
-            (captured(&mut store, "KILL-P1", &EXTERIOR, 100, SystemTime::now()), "KILL-P1"),
-            (captured(&mut store, "KILL-P2", &EXTERIOR, 100, SystemTime::now()), "KILL-P2"),
+            (captured(&mut store, "KILL-P1", &EXTERIOR, 300, SystemTime::now()), "KILL-P1"),
+            (captured(&mut store, "KILL-P2", &EXTERIOR, 300, SystemTime::now()), "KILL-P2"),
         ]
     };
-    // The first upload is held; meanwhile the second session is opened early. Kill there.
+    // The first upload (of three: 1 MiB requests) is held; meanwhile the second session is
+    // opened early. Kill there.
     standin.stall_next_requests(1, Duration::from_secs(120), Some("/api/upload"));
     let mut child = upload(&config);
     let deadline = Instant::now() + Duration::from_secs(60);

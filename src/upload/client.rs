@@ -37,6 +37,7 @@ pub type Alive = Arc<dyn Fn(Duration) + Send + Sync>;
 
 /// The tokens of one session, from `/api/authenticate`. Only the refresh token is ever sent
 /// (as the upload bearer); `Debug` shows neither.
+#[derive(Clone)]
 pub struct Tokens {
     pub session: String,
     refresh_token: Secret,
@@ -282,6 +283,19 @@ impl Client {
         case_id: &str,
         parts: &[Part<'_>],
     ) -> Result<Vec<PhotoLabel>, Failure> {
+        self.upload_announcing(tokens, case_id, parts, None)
+    }
+
+    /// [`upload`](Self::upload) that drops `written` once the whole body is handed to the
+    /// connection (or the request ended without it), before the answer is in: another request
+    /// may then start without the link going idle.
+    pub fn upload_announcing(
+        &mut self,
+        tokens: &Tokens,
+        case_id: &str,
+        parts: &[Part<'_>],
+        written: Option<std::sync::mpsc::Sender<()>>,
+    ) -> Result<Vec<PhotoLabel>, Failure> {
         let labels: Vec<&str> = parts.iter().map(|p| p.label.as_str()).collect();
         let what = format!("upload {} to session {}", labels.join(","), tokens.session);
         let boundary = format!("capture-kiosk-{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
@@ -294,7 +308,8 @@ impl Client {
             .header("Authorization", &format!("Bearer {}", tokens.refresh_token.expose()))
             .header("Idempotency-Key", &idempotency_key(&tokens.session, parts))
             .header("Content-Type", &format!("multipart/form-data; boundary={boundary}"))
-            .send(&body[..]);
+            .header("Content-Length", &body.len().to_string())
+            .send(ureq::SendBody::from_reader(&mut Announcing { body: &body, at: 0, written }));
         let answer = self.read(sent, &what, false)?;
         #[derive(Deserialize)]
         struct Received {
@@ -461,6 +476,25 @@ pub fn idempotency_key(session: &str, parts: &[Part<'_>]) -> String {
         h.update(p.sha256.as_bytes());
     }
     format!("ck-{}", &hex::encode(h.finalize())[..40])
+}
+
+/// A request body read out to the connection that says when it has all been read.
+struct Announcing<'a> {
+    body: &'a [u8],
+    at: usize,
+    written: Option<std::sync::mpsc::Sender<()>>,
+}
+
+impl std::io::Read for Announcing<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(self.body.len() - self.at);
+        buf[..n].copy_from_slice(&self.body[self.at..self.at + n]);
+        self.at += n;
+        if self.at == self.body.len() {
+            self.written = None;
+        }
+        Ok(n)
+    }
 }
 
 /// The `multipart/form-data` body of an upload: `type`, `session`, `case_id`, then one `files`

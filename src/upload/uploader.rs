@@ -4,8 +4,10 @@
 //! Each call of [`Uploader::pump`] does the work that is due now for the oldest inspection
 //! waiting (`captured` or `uploading`) and says when to call again. The link is kept busy by
 //! two sessions in flight at most: the next inspection is authenticated on a second thread
-//! while this one's images travel ([`Prefetch`]), and this one's `complete` goes on a second
-//! thread while the next one's images travel ([`Completing`]). Per inspection:
+//! while this one's images travel ([`Prefetch`]), and, when another inspection waits, this
+//! one's last request of images and its `complete` go on a thread of their own
+//! ([`Completing`]) while the pump takes up the next one, whose images follow on the link as
+//! soon as this one's are written out, without waiting for the answers. Per inspection:
 //!
 //! 1. **Clock.** Nothing is signed while the kiosk's clock is known to be wrong: the `Date` of
 //!    the last answer judges it ([`ClockTrust`]); before the first answer, a plain `GET /` asks
@@ -33,6 +35,8 @@
 //! at 5 minutes; `400`/`413`/`415`/`422` → the inspection is `failed` with the server's reason
 //! and waits for an operator's retry. Every request has the `cloud.request_timeout` deadline.
 
+use std::collections::VecDeque;
+use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -140,22 +144,37 @@ pub struct Uploader {
     /// Sessions opened ahead of time (at most two, and then the current inspection's complete
     /// is settled: at most two sessions are open at once).
     prefetch: Vec<Prefetch>,
-    /// A `complete` sent on a second thread while the next inspection's images travel.
-    completing: Option<Completing>,
+    /// Inspections finishing on threads of their own (their last request of images, then
+    /// `complete`) while the pump goes on with the next, oldest first; two at most.
+    completing: VecDeque<Completing>,
 }
 
-/// A `complete` on its way while the uploader goes on with the next inspection. Its answer is
-/// settled exactly as one awaited in turn, before the next inspection's own `complete` (so
-/// completions stay oldest first), before the queue is called empty, or as soon as it is in.
-/// Meanwhile the pump skips this inspection. A kill while it is on its way is the same window
-/// as a kill during any `complete`: the session is in the buffer and is asked about at restart.
-/// Once this session is consumed, the same thread authenticates the inspection after the next
-/// (so that two sessions at most are ever open: this one or that one, and the next).
+/// An inspection finishing on a thread of its own while the uploader goes on with the next:
+/// its last request of images, then, when the cloud confirmed every file of it, `complete`.
+/// So the next inspection's images start on the link before this one's answers are in, and
+/// the link does not idle through those round trips. Its `complete` waits until the
+/// `complete` of the inspection finishing before it was tried (completions stay oldest first).
+/// The answers are settled exactly as ones awaited in turn (the images are marked sent, then
+/// the inspection completed), oldest first, when they are in, before a third would start, or
+/// before the queue is called empty. Meanwhile the pump skips this inspection. A kill while it
+/// is on its way is the same window as a kill during any request: the session is in the
+/// buffer and is asked about at restart. Once this session is consumed, the same thread may
+/// authenticate the inspection after the next (so that two sessions at most are ever open).
 struct Completing {
     inspection: InspectionSummary,
     session: String,
     images: Vec<ImageMeta>,
-    handle: std::thread::JoinHandle<Completed>,
+    /// The labels of the last request of images, sent by the thread (empty when every image
+    /// was already confirmed and only `complete` was left).
+    last_batch: Vec<PhotoLabel>,
+    /// Closed by the thread once its last request is written out to the connection (or will
+    /// not be): the next inspection's thread waits for it before its own images.
+    written: Option<mpsc::Receiver<()>>,
+    /// Closed by the thread once its `complete` was tried (or will not be): the next
+    /// inspection's thread waits for it before its own `complete`.
+    tried: Option<mpsc::Receiver<()>>,
+    /// Taken when the thread is joined.
+    handle: Option<std::thread::JoinHandle<Completed>>,
 }
 
 /// The authentication of the inspection waiting behind the one being sent, on a thread of its
@@ -176,9 +195,15 @@ enum Early {
     Ready(Result<Tokens, Failure>),
 }
 
-/// What the thread of a background `complete` did: the answer to `complete`, then, if it was
-/// a success, the early authentication of the inspection queued next.
-type Completed = (Result<(), Failure>, Option<(InspectionId, Result<Tokens, Failure>)>);
+/// What the thread of a finishing inspection did.
+struct Completed {
+    /// The answer to its last request of images, when it had one to send.
+    upload: Option<Result<Vec<PhotoLabel>, Failure>>,
+    /// The answer to `complete`; `None` when it was not sent (the images were not all confirmed).
+    complete: Option<Result<(), Failure>>,
+    /// If `complete` succeeded, the early authentication of the inspection queued next.
+    early: Option<(InspectionId, Result<Tokens, Failure>)>,
+}
 
 impl std::fmt::Debug for Uploader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -208,7 +233,7 @@ impl Uploader {
             told_kernel_unsynced: false,
             noted_clock: ClockTrust::Unknown,
             prefetch: Vec::new(),
-            completing: None,
+            completing: VecDeque::new(),
         }
     }
 
@@ -260,9 +285,9 @@ impl Uploader {
     }
 
     fn pump_once(&mut self, store: &mut Store, events: &mut dyn FnMut(Event)) -> Pump {
-        // A complete sent in the background whose answer is in is settled first, even during a
-        // wait: the inspection is done at the cloud, and the buffer should say so.
-        if self.completing.as_ref().is_some_and(|c| c.handle.is_finished()) {
+        // An inspection finishing in the background whose answers are in is settled first,
+        // even during a wait: the cloud holds its images, and the buffer should say so.
+        if self.completing.front().is_some_and(|c| c.handle.as_ref().is_none_or(|h| h.is_finished())) {
             return self.settle_completing(store, events);
         }
         let now = self.clock.monotonic();
@@ -270,16 +295,17 @@ impl Uploader {
             let why = self.link.last_error.clone().unwrap_or_else(|| "waiting".to_owned());
             return Pump::Wait(self.not_before - now, why);
         }
-        let next = match self.completing.as_ref() {
-            Some(c) => store.next_to_upload_besides(&[c.inspection.id]),
-            None => store.next_to_upload(),
-        };
-        let next = match next {
+        // Two finishing already: the oldest is settled before a third session is taken up.
+        if self.completing.len() >= 2 {
+            return self.settle_completing(store, events);
+        }
+        let finishing = self.finishing();
+        let next = match store.next_to_upload_besides(&finishing) {
             Ok(next) => next,
             Err(e) => return self.buffer_failed(&e),
         };
         let Some(inspection) = next else {
-            if self.completing.is_some() {
+            if !self.completing.is_empty() {
                 return self.settle_completing(store, events);
             }
             self.tokens = None;
@@ -290,20 +316,53 @@ impl Uploader {
         self.settle(store, &inspection, outcome, events)
     }
 
-    /// Waits for the `complete` on its way and acts on its answer for its inspection.
+    /// The inspections finishing in the background.
+    fn finishing(&self) -> Vec<InspectionId> {
+        self.completing.iter().map(|c| c.inspection.id).collect()
+    }
+
+    /// Waits for the oldest inspection finishing in the background and acts on its answers.
     fn settle_completing(&mut self, store: &mut Store, events: &mut dyn FnMut(Event)) -> Pump {
-        let Some(c) = self.completing.take() else {
+        let Some(mut c) = self.completing.pop_front() else {
             return Pump::Progress;
         };
-        let (answer, early) = match self.client.while_waiting(|| c.handle.join()) {
-            Ok(done) => done,
-            Err(_) => (Err(panicked(&format!("complete session {}", c.session))), None),
+        let joined = c.handle.take().map(|handle| self.client.while_waiting(|| handle.join()));
+        let done = match joined {
+            Some(Ok(done)) => done,
+            _ => Completed {
+                upload: (!c.last_batch.is_empty())
+                    .then(|| Err(panicked(&format!("upload to session {}", c.session)))),
+                complete: Some(Err(panicked(&format!("complete session {}", c.session)))),
+                early: None,
+            },
         };
-        if let Some((id, early)) = early {
+        if let Some((id, early)) = done.early {
             self.prefetch.push(Prefetch { id, state: Early::Ready(early) });
         }
-        let outcome = self.after_complete(store, &c.inspection, &c.session, &c.images, answer, events);
+        let outcome = self.after_finishing(store, &c, done.upload, done.complete, events);
         self.settle(store, &c.inspection, outcome, events)
+    }
+
+    /// Acts on the answers of an inspection that finished in the background: its last images
+    /// first, exactly as if they had been sent in turn, then its `complete`.
+    fn after_finishing(
+        &mut self,
+        store: &mut Store,
+        c: &Completing,
+        upload: Option<Result<Vec<PhotoLabel>, Failure>>,
+        complete: Option<Result<(), Failure>>,
+        events: &mut dyn FnMut(Event),
+    ) -> Result<(), Stop> {
+        if let Some(answer) = upload {
+            let batch: Vec<&ImageMeta> =
+                c.images.iter().filter(|m| c.last_batch.contains(&m.angle)).collect();
+            self.after_upload(store, &c.inspection, &c.session, &batch, answer, events)?;
+        }
+        match complete {
+            Some(answer) => self.after_complete(store, &c.inspection, &c.session, &c.images, answer, events),
+            // Not reached: the thread completes whenever every file was confirmed.
+            None => Err(Stop::Wait(self.next_backoff(), format!("complete session {}: not sent", c.session))),
+        }
     }
 
     /// Acts on how delivering (or completing) `inspection` ended.
@@ -439,55 +498,150 @@ impl Uploader {
         // The next inspection's session is opened while this one's images travel.
         self.prefetch_next(store, id);
 
-        // The images the session does not hold yet.
+        // The images the session does not hold yet. When another inspection waits, the last
+        // request and `complete` go on a thread of their own, so that the next inspection's
+        // images follow on the link without waiting for these answers. Only while the link is
+        // healthy: after a failure, one inspection at a time, so that a cloud asking to wait
+        // or failing is not sent two requests for every one it refuses.
+        let mut finishing = self.finishing();
+        finishing.push(id);
+        let background =
+            self.failures == 0 && matches!(store.next_to_upload_besides(&finishing), Ok(Some(_)));
         let sent = store.sent(id, &session)?;
         let todo: Vec<&ImageMeta> = images.iter().filter(|m| sent.get(&m.angle) != Some(&m.sha256)).collect();
-        if !todo.is_empty() {
-            let sizes: Vec<u64> = todo.iter().map(|m| m.bytes + PART_OVERHEAD).collect();
-            let limit = self.max_request_bytes.saturating_sub(REQUEST_HEAD_ROOM).max(1);
-            for range in batches(&sizes, MAX_FILES_PER_REQUEST, limit) {
-                self.send_batch(store, inspection, &session, &todo[range], events)?;
+        let sizes: Vec<u64> = todo.iter().map(|m| m.bytes + PART_OVERHEAD).collect();
+        let limit = self.max_request_bytes.saturating_sub(REQUEST_HEAD_ROOM).max(1);
+        let mut requests = batches(&sizes, MAX_FILES_PER_REQUEST, limit);
+        let last = if background { requests.pop() } else { None };
+        for range in requests {
+            self.send_batch(store, inspection, &session, &todo[range], events)?;
+        }
+        if background {
+            let last: Vec<&ImageMeta> = last.map_or_else(Vec::new, |range| todo[range].to_vec());
+            match self.finish_in_background(store, inspection, &session, &images, &last)? {
+                None => return Ok(()),
+                // No thread: the last request goes in turn.
+                Some(()) if !last.is_empty() => {
+                    self.send_batch(store, inspection, &session, &last, events)?
+                }
+                Some(()) => {}
             }
         }
 
-        // Complete, after the answer to the previous inspection's complete is settled. When
-        // another inspection waits, this one goes on a second thread while that one uploads.
-        if self.completing.is_some() {
+        // Complete in turn, after every inspection finishing in the background was settled (so
+        // completions stay oldest first).
+        while !self.completing.is_empty() {
             let _ = self.settle_completing(store, events);
-        }
-        let labels: Vec<PhotoLabel> = images.iter().map(|m| m.angle).collect();
-        if matches!(store.next_to_upload_besides(&[id]), Ok(Some(_))) {
-            let mut twin = self.client.twin();
-            let (s, c) = (session.clone(), case_id.to_owned());
-            let mut besides = vec![id];
-            besides.extend(self.prefetch.iter().map(|p| p.id));
-            // Only while the next inspection's session is already open: the one after it is
-            // opened once this one is consumed (never three open at once).
-            let after = if self.prefetch.len() == 1 { self.to_open_early(store, &besides) } else { None };
-            let spawned = std::thread::Builder::new().name("upload-complete".to_owned()).spawn(move || {
-                let answer = twin.complete(&s, &c, &labels);
-                let early = match (&answer, after) {
-                    (Ok(()), Some((next, case_id, vehicle))) => {
-                        Some((next, twin.authenticate(&case_id, vehicle.as_ref())))
-                    }
-                    _ => None,
-                };
-                (answer, early)
-            });
-            match spawned {
-                Ok(handle) => {
-                    self.completing =
-                        Some(Completing { inspection: inspection.clone(), session, images, handle });
-                    return Ok(());
-                }
-                Err(e) => {
-                    log::warn!(inspection_id = id.0; "Could not start a thread for complete; it is sent in turn: {e}");
-                }
-            }
         }
         let labels: Vec<PhotoLabel> = images.iter().map(|m| m.angle).collect();
         let answer = self.client.complete(&session, case_id, &labels);
         self.after_complete(store, inspection, &session, &images, answer, events)
+    }
+
+    /// Hands the inspection's last request of images (`last`, perhaps none) and its `complete`
+    /// to a thread of its own. `Ok(None)` when the thread took them; `Ok(Some(()))` when no
+    /// thread could be started and they are to be sent in turn.
+    fn finish_in_background(
+        &mut self,
+        store: &mut Store,
+        inspection: &InspectionSummary,
+        session: &str,
+        images: &[ImageMeta],
+        last: &[&ImageMeta],
+    ) -> Result<Option<()>, Stop> {
+        let id = inspection.id;
+        let upload = if last.is_empty() {
+            None
+        } else {
+            let now = self.clock.monotonic();
+            let Some((_, tokens)) = self.tokens.as_ref().filter(|(owner, t)| *owner == id && t.fresh(now))
+            else {
+                // Sent in turn, where a session without a fresh token is given up.
+                return Ok(Some(()));
+            };
+            let tokens = tokens.clone();
+            let jpegs = self.batch_jpegs(store, id, last)?;
+            let files: Vec<(PhotoLabel, Vec<u8>, String)> =
+                last.iter().zip(jpegs).map(|(m, jpeg)| (m.angle, jpeg, m.sha256.clone())).collect();
+            Some((tokens, files))
+        };
+        let last_batch: Vec<PhotoLabel> = last.iter().map(|m| m.angle).collect();
+        let labels: Vec<PhotoLabel> = images.iter().map(|m| m.angle).collect();
+        let mut besides = self.finishing();
+        besides.push(id);
+        besides.extend(self.prefetch.iter().map(|p| p.id));
+        // Only while the next inspection's session is already open and nothing else finishes:
+        // the one after it is opened once this one is consumed (never three open at once).
+        let after = if self.prefetch.len() == 1 && self.completing.is_empty() {
+            self.to_open_early(store, &besides)
+        } else {
+            None
+        };
+        // The images follow the previous inspection's once those are all written out, and the
+        // complete follows the previous complete.
+        let (previous_written, previous_tried) = match self.completing.back_mut() {
+            Some(c) => (c.written.take(), c.tried.take()),
+            None => (None, None),
+        };
+        let (written_tx, written) = mpsc::channel::<()>();
+        let (tried_tx, tried) = mpsc::channel::<()>();
+        let mut twin = self.client.twin();
+        let (s, c) = (session.to_owned(), inspection.case_id.clone());
+        let batch_labels = last_batch.clone();
+        let spawned = std::thread::Builder::new().name("upload-finish".to_owned()).spawn(move || {
+            let upload = match upload {
+                Some((tokens, files)) => {
+                    let parts: Vec<Part<'_>> = files
+                        .iter()
+                        .map(|(label, jpeg, sha256)| Part { label: *label, jpeg, sha256 })
+                        .collect();
+                    if let Some(previous) = previous_written {
+                        let _ = previous.recv();
+                    }
+                    Some(twin.upload_announcing(&tokens, &c, &parts, Some(written_tx)))
+                }
+                None => {
+                    drop(written_tx);
+                    None
+                }
+            };
+            let confirmed = match &upload {
+                None => true,
+                Some(Ok(received)) => batch_labels.iter().all(|l| received.contains(l)),
+                Some(Err(_)) => false,
+            };
+            // Oldest first: the previous inspection's complete is tried before this one's.
+            if let Some(previous) = previous_tried {
+                let _ = previous.recv();
+            }
+            let complete = confirmed.then(|| twin.complete(&s, &c, &labels));
+            drop(tried_tx);
+            let early = match (&complete, after) {
+                (Some(Ok(())), Some((next, case_id, vehicle))) => {
+                    Some((next, twin.authenticate(&case_id, vehicle.as_ref())))
+                }
+                _ => None,
+            };
+            Completed { upload, complete, early }
+        });
+        match spawned {
+            Ok(handle) => {
+                self.completing.push_back(Completing {
+                    inspection: inspection.clone(),
+                    session: session.to_owned(),
+                    images: images.to_vec(),
+                    last_batch,
+                    written: Some(written),
+                    tried: Some(tried),
+                    handle: Some(handle),
+                });
+                Ok(None)
+            }
+            Err(e) => {
+                log::warn!(inspection_id = id.0; "Could not start a thread to finish the inspection; it finishes in turn: {e}");
+                Ok(Some(()))
+            }
+        }
     }
 
     /// Acts on the answer to `complete` (or the lack of one).
@@ -647,7 +801,7 @@ impl Uploader {
     /// running or that inspection names a session in the buffer (that one is asked about first,
     /// in turn). At most two sessions are thus in flight: the current one and the next.
     fn prefetch_next(&mut self, store: &Store, current: InspectionId) {
-        if !self.prefetch.is_empty() || self.completing.is_some() {
+        if !self.prefetch.is_empty() || !self.completing.is_empty() {
             return;
         }
         let Some((next, case_id, vehicle)) = self.to_open_early(store, &[current]) else {
@@ -745,6 +899,23 @@ impl Uploader {
             self.tokens = None;
             return Err(Stop::Again);
         };
+        let jpegs = self.batch_jpegs(store, id, batch)?;
+        let parts: Vec<Part<'_>> = batch
+            .iter()
+            .zip(&jpegs)
+            .map(|(meta, jpeg)| Part { label: meta.angle, jpeg, sha256: &meta.sha256 })
+            .collect();
+        let answer = self.client.upload(tokens, &inspection.case_id, &parts);
+        self.after_upload(store, inspection, session, batch, answer, events)
+    }
+
+    /// The bytes of a request's images, read from the buffer.
+    fn batch_jpegs(
+        &self,
+        store: &Store,
+        id: InspectionId,
+        batch: &[&ImageMeta],
+    ) -> Result<Vec<Vec<u8>>, Stop> {
         let mut jpegs = Vec::with_capacity(batch.len());
         for meta in batch {
             let jpeg = store.image_jpeg(id, meta.angle)?.ok_or_else(|| {
@@ -752,12 +923,21 @@ impl Uploader {
             })?;
             jpegs.push(jpeg);
         }
-        let parts: Vec<Part<'_>> = batch
-            .iter()
-            .zip(&jpegs)
-            .map(|(meta, jpeg)| Part { label: meta.angle, jpeg, sha256: &meta.sha256 })
-            .collect();
-        match self.client.upload(tokens, &inspection.case_id, &parts) {
+        Ok(jpegs)
+    }
+
+    /// Acts on the answer to a request of images: what the cloud confirmed is marked sent.
+    fn after_upload(
+        &mut self,
+        store: &mut Store,
+        inspection: &InspectionSummary,
+        session: &str,
+        batch: &[&ImageMeta],
+        answer: Result<Vec<PhotoLabel>, Failure>,
+        events: &mut dyn FnMut(Event),
+    ) -> Result<(), Stop> {
+        let id = inspection.id;
+        match answer {
             Ok(received) => {
                 let confirmed: Vec<(PhotoLabel, &str)> = batch
                     .iter()
