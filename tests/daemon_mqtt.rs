@@ -126,7 +126,9 @@ impl Watcher {
     /// Waits for the first message (from now on) on `topic` that `want` accepts.
     fn wait(&mut self, topic: &str, want: impl Fn(&[u8], bool) -> bool) -> Vec<u8> {
         let topic = format!("{ROOT}/{topic}");
-        let deadline = Instant::now() + Duration::from_secs(20);
+        // Generous: under qemu, with the other tests of this file running, four 12 MP frames
+        // have taken more than 20 s. A message that arrives ends the wait at once.
+        let deadline = Instant::now() + Duration::from_secs(90);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.messages.recv_timeout(left) {
