@@ -518,13 +518,12 @@ impl Uploader {
         }
         if background {
             let last: Vec<&ImageMeta> = last.map_or_else(Vec::new, |range| todo[range].to_vec());
-            match self.finish_in_background(store, inspection, &session, &images, &last)? {
-                None => return Ok(()),
-                // No thread: the last request goes in turn.
-                Some(()) if !last.is_empty() => {
-                    self.send_batch(store, inspection, &session, &last, events)?
-                }
-                Some(()) => {}
+            if self.finish_in_background(store, inspection, &session, &images, &last)? {
+                return Ok(());
+            }
+            // No thread: the last request goes in turn.
+            if !last.is_empty() {
+                self.send_batch(store, inspection, &session, &last, events)?;
             }
         }
 
@@ -539,8 +538,8 @@ impl Uploader {
     }
 
     /// Hands the inspection's last request of images (`last`, perhaps none) and its `complete`
-    /// to a thread of its own. `Ok(None)` when the thread took them; `Ok(Some(()))` when no
-    /// thread could be started and they are to be sent in turn.
+    /// to a thread of its own. `Ok(true)` when the thread took them; `Ok(false)` when they are
+    /// to be sent in turn (no fresh token for the images, or no thread could be started).
     fn finish_in_background(
         &mut self,
         store: &mut Store,
@@ -548,7 +547,7 @@ impl Uploader {
         session: &str,
         images: &[ImageMeta],
         last: &[&ImageMeta],
-    ) -> Result<Option<()>, Stop> {
+    ) -> Result<bool, Stop> {
         let id = inspection.id;
         let upload = if last.is_empty() {
             None
@@ -557,7 +556,7 @@ impl Uploader {
             let Some((_, tokens)) = self.tokens.as_ref().filter(|(owner, t)| *owner == id && t.fresh(now))
             else {
                 // Sent in turn, where a session without a fresh token is given up.
-                return Ok(Some(()));
+                return Ok(false);
             };
             let tokens = tokens.clone();
             let jpegs = self.batch_jpegs(store, id, last)?;
@@ -635,11 +634,11 @@ impl Uploader {
                     tried: Some(tried),
                     handle: Some(handle),
                 });
-                Ok(None)
+                Ok(true)
             }
             Err(e) => {
                 log::warn!(inspection_id = id.0; "Could not start a thread to finish the inspection; it finishes in turn: {e}");
-                Ok(Some(()))
+                Ok(false)
             }
         }
     }
